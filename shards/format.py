@@ -1,0 +1,188 @@
+"""The shard format: file naming, member encoding, safe member names, and the atomic ShardWriter."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import tarfile
+import uuid
+from dataclasses import dataclass
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from schemas import ERROR_SCHEMA, REQUIRED_MEMBERS, SAMPLE_MEMBERS, SHARD_INDEX_SCHEMA, conform
+
+# The VideoCrafter resolution stages, tagged "WxH".
+RESOLUTIONS = {"256x256": (256, 256), "512x320": (512, 320), "1024x576": (1024, 576)}
+
+TAR_SUFFIX = ".tar"
+INDEX_SUFFIX = ".index.parquet"
+ERRORS_SUFFIX = ".errors.parquet"
+SHARD_STEM_RE = re.compile(r"^(?P<source>[a-z0-9_]+)-(?P<stage>\d+x\d+)-(?P<shard>\d{6})$")
+_KEY_RE = re.compile(r"^[A-Za-z0-9_\-]+$")
+_MEMBER_RE = re.compile(r"^[A-Za-z0-9_\-]+\.[A-Za-z0-9_.\-]+$")
+KNOWN_MEMBERS = frozenset(f.name for f in SAMPLE_MEMBERS if f.name != "__key__")
+
+
+def resolution_tag(width: int, height: int) -> str:
+    """The stage tag of a pixel size: resolution_tag(512, 320) == "512x320"."""
+    return f"{int(width)}x{int(height)}"
+
+
+def parse_resolution(tag: str) -> tuple[int, int]:
+    """(width, height) of a "WxH" tag; ValueError naming the tag otherwise."""
+    m = re.fullmatch(r"(\d+)x(\d+)", str(tag))
+    if not m:
+        raise ValueError(f"resolution {tag!r} is not of the form WIDTHxHEIGHT (e.g. 512x320)")
+    return int(m.group(1)), int(m.group(2))
+
+
+def shard_stem(source: str, stage: str, shard: int) -> str:
+    """File stem of one output shard: "{source}-{stage}-{shard:06d}"."""
+    return f"{source}-{stage}-{int(shard):06d}"
+
+
+def parse_shard_stem(name: str) -> dict:
+    """{'source', 'stage', 'shard'} from a tar/index/errors file name or stem; ValueError otherwise."""
+    base = os.path.basename(name)
+    for suffix in (INDEX_SUFFIX, ERRORS_SUFFIX, TAR_SUFFIX):
+        if base.endswith(suffix):
+            base = base[: -len(suffix)]
+            break
+    m = SHARD_STEM_RE.match(base)
+    if not m:
+        raise ValueError(f"{name!r} is not a shard name of the form SOURCE-WxH-NNNNNN.tar")
+    return {"source": m.group("source"), "stage": m.group("stage"), "shard": int(m.group("shard"))}
+
+
+def check_key(key: str) -> str:
+    """A sample key must be tar- and webdataset-safe: letters, digits, '_' and '-' only (no dots, no slashes)."""
+    if not isinstance(key, str) or not _KEY_RE.match(key) or len(key) > 200:
+        raise ValueError(f"sample key {key!r} must match [A-Za-z0-9_-]{{1,200}}")
+    return key
+
+
+def check_member_name(name: str) -> tuple[str, str]:
+    """Split a tar member name "<key>.<member>" after rejecting unsafe names (paths, '..', links)."""
+    if name.startswith("/") or "/" in name or "\\" in name or ".." in name or not _MEMBER_RE.match(name):
+        raise ValueError(f"unsafe or malformed tar member name {name!r}")
+    key, _, member = name.partition(".")
+    return key, member
+
+
+def encode_npy(array: np.ndarray) -> bytes:
+    """An array as .npy bytes (no pickling)."""
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
+    return buf.getvalue()
+
+
+def decode_npy(data: bytes) -> np.ndarray:
+    """.npy bytes to an array; object arrays are refused (allow_pickle=False)."""
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+@dataclass
+class ShardPaths:
+    """The three files of one shard, as fsspec URLs or local paths."""
+
+    tar: str
+    index: str
+    errors: str
+
+    @classmethod
+    def of(cls, out_dir: str, stem: str) -> ShardPaths:
+        base = out_dir.rstrip("/") + "/" + stem
+        return cls(base + TAR_SUFFIX, base + INDEX_SUFFIX, base + ERRORS_SUFFIX)
+
+
+def shard_is_done(out_dir: str, stem: str) -> bool:
+    """A shard is complete when its index exists (the index is written last)."""
+    fs, path = fsspec.core.url_to_fs(ShardPaths.of(out_dir, stem).index)
+    return fs.exists(path)
+
+
+def _atomic_write(url: str, data: bytes) -> None:
+    fs, path = fsspec.core.url_to_fs(url)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    with fs.open(tmp, "wb") as f:
+        f.write(data)
+    fs.mv(tmp, path)
+
+
+def write_parquet_atomic(url: str, rows: list[dict], schema: pa.Schema) -> None:
+    """Write rows as one parquet file under a temporary name, then rename it into place."""
+    table = conform(pa.Table.from_pylist(rows, schema=schema), schema) if rows else schema.empty_table()
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    _atomic_write(url, buf.getvalue())
+
+
+class ShardWriter:
+    """Writes one shard: samples into a tar, then the errors parquet, then the index parquet (done-marker).
+
+    The tar is built in memory and renamed into place, so a crash leaves either nothing or a tar
+    without an index; `shard_is_done` is false for it and a rerun redoes the shard.
+    """
+
+    def __init__(self, out_dir: str, stem: str):
+        self.paths = ShardPaths.of(out_dir, stem)
+        self.name = os.path.basename(self.paths.tar)
+        self._buf = io.BytesIO()
+        self._tar = tarfile.open(fileobj=self._buf, mode="w", format=tarfile.USTAR_FORMAT)
+        self._index: list[dict] = []
+        self._errors: list[dict] = []
+        self._keys: set[str] = set()
+
+    def write(self, key: str, members: dict[str, bytes | str | np.ndarray], index_row: dict) -> None:
+        """Add one sample. `members` maps member names ("latent.npy", "txt", "json", ...) to content."""
+        check_key(key)
+        if key in self._keys:
+            raise ValueError(f"duplicate key {key!r} in shard {self.name}")
+        missing = [m for m in REQUIRED_MEMBERS if m not in members]
+        unknown = [m for m in members if m not in KNOWN_MEMBERS]
+        if missing or unknown:
+            raise ValueError(f"sample {key!r}: missing members {missing}, unknown members {unknown}")
+        offset = self._tar.offset
+        sizes = {}
+        for member in sorted(members):
+            data = members[member]
+            if isinstance(data, np.ndarray):
+                data = encode_npy(data)
+            elif isinstance(data, dict):
+                data = json.dumps(data, sort_keys=True).encode()
+            elif isinstance(data, str):
+                data = data.encode("utf-8")
+            info = tarfile.TarInfo(f"{key}.{member}")
+            info.size, info.mtime, info.mode = len(data), 0, 0o644
+            self._tar.addfile(info, io.BytesIO(data))
+            sizes[member] = len(data)
+        self._keys.add(key)
+        row = dict(index_row, key=key, shard=self.name, offset=offset)
+        row["bytes_latent"] = sizes.get("latent.npy", 0) + sizes.get("latent_std.npy", 0)
+        row["bytes_text_tokens"] = sizes.get("text_tokens.npy", 0) + sizes.get("text_pooled.npy", 0)
+        row["bytes_image_tokens"] = sizes.get("image_tokens.npy", 0) + sizes.get("image_pooled.npy", 0)
+        row["bytes_total"] = self._tar.offset - offset
+        self._index.append(row)
+
+    def add_errors(self, rows: list[dict]) -> None:
+        """Record input rows that did not become samples (ERROR_SCHEMA dicts)."""
+        self._errors.extend(rows)
+
+    @property
+    def num_samples(self) -> int:
+        return len(self._index)
+
+    def close(self) -> dict:
+        """Finish the shard: tar, then errors, then index. Returns {'samples', 'errors', 'bytes'}."""
+        self._tar.close()
+        data = self._buf.getvalue()
+        _atomic_write(self.paths.tar, data)
+        write_parquet_atomic(self.paths.errors, self._errors, ERROR_SCHEMA)
+        write_parquet_atomic(self.paths.index, self._index, SHARD_INDEX_SCHEMA)
+        return {"samples": len(self._index), "errors": len(self._errors), "bytes": len(data)}
