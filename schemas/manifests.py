@@ -36,7 +36,9 @@ LAION_COCO_SCHEMA = pa.schema(
 LAION_COCO_REQUIRED = ("URL", "top_caption")
 
 # JourneyDB `train_anno_realease_repath.jsonl` (sic: the real file name has that spelling).
-JDB_TASK1_TYPE = pa.struct([pa.field("Style", pa.list_(pa.string())), pa.field("Content", pa.list_(pa.string()))])
+JDB_TASK1_TYPE = pa.struct(
+    [pa.field("Style", pa.list_(pa.string())), pa.field("Content", pa.list_(pa.string()))]
+)
 JDB_TASK2_TYPE = pa.struct([pa.field("Caption", pa.string())])
 JDB_ANNOTATION_SCHEMA = pa.schema(
     [

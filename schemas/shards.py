@@ -10,10 +10,14 @@ import pyarrow as pa
 SAMPLE_MEMBERS = pa.schema(
     [
         pa.field("__key__", pa.string(), nullable=False),
-        pa.field("latent.npy", pa.binary(), nullable=False, metadata={"dtype": "float16", "shape": "C,T,h,w"}),
+        pa.field(
+            "latent.npy", pa.binary(), nullable=False, metadata={"dtype": "float16", "shape": "C,T,h,w"}
+        ),
         pa.field("latent_std.npy", pa.binary(), metadata={"dtype": "float16", "shape": "C,T,h,w"}),
         pa.field("txt", pa.string(), nullable=False),
-        pa.field("text_tokens.npy", pa.binary(), nullable=False, metadata={"dtype": "float16", "shape": "77,D"}),
+        pa.field(
+            "text_tokens.npy", pa.binary(), nullable=False, metadata={"dtype": "float16", "shape": "77,D"}
+        ),
         pa.field("text_pooled.npy", pa.binary(), nullable=False, metadata={"dtype": "float16", "shape": "D"}),
         pa.field("image_tokens.npy", pa.binary(), metadata={"dtype": "float16", "shape": "257,Dv"}),
         pa.field("image_pooled.npy", pa.binary(), metadata={"dtype": "float16", "shape": "P"}),
@@ -107,7 +111,9 @@ ERROR_SCHEMA = pa.schema(
         pa.field("key", pa.string(), nullable=False),
         pa.field("source", pa.string(), nullable=False),
         pa.field("stage", pa.string(), nullable=False),  # one of ERROR_STAGES
-        pa.field("reason", pa.string(), nullable=False),  # short machine-readable, e.g. "http_404", "too_short"
+        pa.field(
+            "reason", pa.string(), nullable=False
+        ),  # short machine-readable, e.g. "http_404", "too_short"
         pa.field("detail", pa.string()),  # human-readable message
         pa.field("uri", pa.string()),
         pa.field("manifest", pa.string()),

@@ -63,7 +63,9 @@ def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
     for field in schema:
         if field.name not in table.column_names:
             if not field.nullable:
-                problems.append(FieldProblem("<table>", None, field.name, f"a {field.type} column", "no column"))
+                problems.append(
+                    FieldProblem("<table>", None, field.name, f"a {field.type} column", "no column")
+                )
                 continue
             arrays.append(pa.nulls(table.num_rows, field.type))
             continue
@@ -71,7 +73,9 @@ def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
         try:
             arrays.append(column.cast(field.type) if column.type != field.type else column)
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
-            problems.append(FieldProblem("<table>", None, field.name, str(field.type), f"{column.type} ({exc})"))
+            problems.append(
+                FieldProblem("<table>", None, field.name, str(field.type), f"{column.type} ({exc})")
+            )
     if problems:
         raise SchemaError(problems)
     return pa.Table.from_arrays(arrays, schema=schema)

@@ -1,0 +1,1 @@
+"""latentcrafter tests, mirroring the packages."""
