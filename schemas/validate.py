@@ -98,6 +98,10 @@ def validate_table(table: pa.Table, schema: pa.Schema, file: str = "<table>") ->
             cast = column.cast(field.type) if column.type != field.type else column
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
             for i, value in enumerate(column.to_pylist()):
+                if value is None:
+                    if not field.nullable:
+                        problems.append(FieldProblem(file, i, field.name, f"a non-null {field.type}", "null"))
+                    continue
                 try:
                     pa.array([value]).cast(field.type)
                 except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):

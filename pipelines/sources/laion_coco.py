@@ -1,0 +1,136 @@
+"""LAION-COCO reader: `part-*.snappy.parquet` rows -> image records (URL rewritten, quality fields kept)."""
+
+from __future__ import annotations
+
+import dataclasses
+import zlib
+from collections.abc import Iterator
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipelines.sources.base import Row, RowError, SourceReader, row_stage
+from schemas import (
+    LAION_COCO_REQUIRED,
+    LAION_COCO_SCHEMA,
+    WrongFileError,
+    check_required_columns,
+    validate_table,
+)
+
+
+def laion_key(hash_value: int | None, url: str) -> str:
+    """`laion_coco_<hash as 16 hex digits of the unsigned 64-bit value>`, or `laion_coco_u<crc32(URL)>`."""
+    if hash_value is None:
+        return f"laion_coco_u{zlib.crc32(url.encode('utf-8')):08x}"
+    return f"laion_coco_{hash_value & 0xFFFFFFFFFFFFFFFF:016x}"
+
+
+def _typed(column: pa.ChunkedArray, type_: pa.DataType) -> list:
+    """Python values of `column` cast to `type_`; cells that cannot be cast become None."""
+    try:
+        return (column.cast(type_) if column.type != type_ else column).to_pylist()
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
+        values = []
+        for value in column.to_pylist():
+            try:
+                values.append(pa.array([value]).cast(type_)[0].as_py())
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
+                values.append(None)
+        return values
+
+
+class LaionCocoReader(SourceReader):
+    """Rows of a LAION-COCO parquet part. Extra columns are ignored, absent optional ones read as null.
+
+    The uri is `URL` after `url_rewrite` (prefix -> prefix), the caption `top_caption` (else `TEXT`).
+    """
+
+    name = "laion_coco"
+    kind = "image"
+    stages = ("validate", "to_record")
+
+    def _parquet(self, f) -> pq.ParquetFile:
+        try:
+            return pq.ParquetFile(f)
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise WrongFileError(
+                self.manifest, self.name, LAION_COCO_REQUIRED, reason=f"not a parquet file ({exc})"
+            ) from exc
+
+    def _check(self) -> None:
+        with self.open("rb") as f:
+            parquet = self._parquet(f)
+            names = parquet.schema_arrow.names
+            self._num_rows = parquet.metadata.num_rows
+        check_required_columns(self.manifest, self.name, names, LAION_COCO_REQUIRED)
+        self.columns = [c for c in LAION_COCO_SCHEMA.names if c in names]
+
+    @property
+    def num_rows(self) -> int:
+        return self._num_rows
+
+    def _rows(self, rows: range) -> Iterator[Row]:
+        if not rows:
+            return
+        with self.open("rb") as f:
+            parquet = self._parquet(f)
+            group_start = 0
+            for g in range(parquet.metadata.num_row_groups):
+                group_rows = parquet.metadata.row_group(g).num_rows
+                start, stop = max(rows.start, group_start), min(rows.stop, group_start + group_rows)
+                if start < stop:
+                    table = parquet.read_row_group(g, columns=self.columns)
+                    yield from self._table_rows(table.slice(start - group_start, stop - start), start)
+                group_start += group_rows
+                if group_start >= rows.stop:
+                    break
+
+    def _table_rows(self, table: pa.Table, first: int) -> Iterator[Row]:
+        """Rows of a slice starting at manifest row `first`, each with its schema problems attached."""
+        problems: dict[int, list] = {}
+        for p in validate_table(table, LAION_COCO_SCHEMA, self.manifest):
+            if p.row is None:  # a whole column of the wrong type, e.g. URL given as a list
+                continue
+            problems.setdefault(p.row, []).append(dataclasses.replace(p, row=p.row + first))
+        columns = {c: _typed(table.column(c), LAION_COCO_SCHEMA.field(c).type) for c in self.columns}
+        for i in range(table.num_rows):
+            cells = {c: columns[c][i] if c in columns else None for c in LAION_COCO_SCHEMA.names}
+            yield Row(first + i, cells, fields={"problems": problems.get(i, [])})
+
+    @row_stage
+    def validate(self, row: Row) -> None:
+        """Cells castable to LAION_COCO_SCHEMA, a URL, and a caption (top_caption or TEXT)."""
+        cells = row.raw
+        url = cells["URL"]
+        if isinstance(url, str) and url.strip():
+            row.key = laion_key(cells["hash"], url.strip())
+            row.uri = self.rewrite_url(url.strip())
+        elif cells["hash"] is not None:
+            row.key = laion_key(cells["hash"], "")
+        for problem in row.fields["problems"]:
+            reason = "missing_field" if problem.got == "null" else "bad_value"
+            raise RowError(reason, str(problem))
+        if row.uri is None:
+            raise RowError("missing_field", self.problem(row, "URL", "a non-empty URL", url))
+        if not (cells["top_caption"] or "").strip() and not (cells["TEXT"] or "").strip():
+            raise RowError(
+                "missing_field",
+                self.problem(row, "top_caption", "a caption (or a TEXT)", cells["top_caption"]),
+            )
+
+    @row_stage
+    def to_record(self, row: Row) -> None:
+        c = row.raw
+        caption = (c["top_caption"] or "").strip() or c["TEXT"].strip()
+        row.record = self.record(
+            row,
+            origin_key=row.key[len("laion_coco_") :],
+            caption=caption,
+            width=c["WIDTH"],
+            height=c["HEIGHT"],
+            similarity=c["similarity"],
+            punsafe=c["punsafe"],
+            pwatermark=c["pwatermark"],
+            extra=self.extra_json({"TEXT": c["TEXT"], "URL": c["URL"]}),
+        )
