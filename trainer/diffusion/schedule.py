@@ -1,0 +1,124 @@
+"""Diffusion: the VideoCrafter/LDM linear noise schedule, q_sample, eps/v targets and the training loss with CFG dropout."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def linear_betas(num_timesteps: int, beta_start: float, beta_end: float) -> torch.Tensor:
+    """LDM/VideoCrafter "linear" schedule: linspace of sqrt(beta), squared (float64)."""
+    return torch.linspace(beta_start**0.5, beta_end**0.5, num_timesteps, dtype=torch.float64) ** 2
+
+
+def rescale_zero_terminal_snr(alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """Lin et al. 2023 (used by DynamiCrafter): shift/scale sqrt(alpha_bar) so the last step has SNR exactly 0."""
+    s = alphas_cumprod.sqrt()
+    s0, st = s[0].clone(), s[-1].clone()
+    s = (s - st) * s0 / (s0 - st)
+    return s**2
+
+
+def _expand(v: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """v[t] shaped `[B, 1, 1, ...]` to broadcast over `like`, in like's dtype/device."""
+    out = v.to(like.device)[t.to(like.device).long()].to(torch.float32)
+    return out.view(-1, *([1] * (like.dim() - 1)))
+
+
+class Diffusion:
+    """The forward process and training objective (eps prediction by default, v-prediction optional)."""
+
+    def __init__(
+        self,
+        prediction: str = "eps",
+        zero_snr: bool = False,
+        num_timesteps: int = 1000,
+        beta_start: float = 0.00085,
+        beta_end: float = 0.012,
+    ):
+        if prediction not in ("eps", "v"):
+            raise ValueError(f"Diffusion prediction={prediction!r}: use 'eps' or 'v'")
+        if zero_snr and prediction != "v":
+            raise ValueError("Diffusion zero_snr=True needs prediction='v' (eps is undefined at SNR 0)")
+        if num_timesteps < 2 or not 0 < beta_start < beta_end < 1:
+            raise ValueError("Diffusion needs num_timesteps >= 2 and 0 < beta_start < beta_end < 1")
+        self.prediction, self.zero_snr, self.num_timesteps = prediction, zero_snr, num_timesteps
+        alphas_cumprod = torch.cumprod(1.0 - linear_betas(num_timesteps, beta_start, beta_end), dim=0)
+        if zero_snr:
+            alphas_cumprod = rescale_zero_terminal_snr(alphas_cumprod)
+        self.alphas_cumprod = alphas_cumprod  # float64 [T]
+        self.sqrt_ab = alphas_cumprod.sqrt()
+        self.sqrt_1mab = (1.0 - alphas_cumprod).sqrt()
+
+    def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) noise."""
+        return (
+            _expand(self.sqrt_ab, t, x0) * x0.float() + _expand(self.sqrt_1mab, t, x0) * noise.float()
+        ).to(x0.dtype)
+
+    def target(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """What the network regresses: eps, or v = sqrt(ab) eps - sqrt(1-ab) x0."""
+        if self.prediction == "eps":
+            return noise.float()
+        return _expand(self.sqrt_ab, t, x0) * noise.float() - _expand(self.sqrt_1mab, t, x0) * x0.float()
+
+    def predict_eps_x0(
+        self, out: torch.Tensor, xt: torch.Tensor, t: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(eps, x0) from the network output at x_t."""
+        a, s = _expand(self.sqrt_ab, t, xt), _expand(self.sqrt_1mab, t, xt)
+        out, xt = out.float(), xt.float()
+        if self.prediction == "eps":
+            return out, (xt - s * out) / a
+        return s * xt + a * out, a * xt - s * out
+
+    def training_loss(
+        self,
+        model,
+        x0: torch.Tensor,
+        cond: dict,
+        *,
+        generator: torch.Generator,
+        cfg_dropout: float = 0.1,
+        image_cfg_dropout: float = 0.05,
+    ) -> tuple[torch.Tensor, dict]:
+        """MSE between the network output and the eps/v target at a uniformly drawn t.
+
+        Classifier-free guidance dropout, per sample and independently: the text context becomes
+        cond["uncond_context"] (the empty caption's encoding) with probability `cfg_dropout`, and the
+        image tokens become zeros with probability `image_cfg_dropout`. All randomness comes from
+        `generator` (t, noise, both dropout masks), so a step is reproducible from its seed.
+        """
+        b = x0.shape[0]
+        gdev = generator.device
+        t = torch.randint(0, self.num_timesteps, (b,), generator=generator, device=gdev).to(x0.device)
+        noise = torch.randn(x0.shape, generator=generator, device=gdev, dtype=torch.float32).to(x0.device)
+        drop_text = (torch.rand(b, generator=generator, device=gdev) < cfg_dropout).to(x0.device)
+        drop_image = (torch.rand(b, generator=generator, device=gdev) < image_cfg_dropout).to(x0.device)
+
+        context = cond["context"]
+        uncond = cond.get("uncond_context")
+        if uncond is None:
+            if cfg_dropout > 0:
+                raise ValueError(
+                    "cond['uncond_context'] (the empty-caption encoding) is needed when cfg_dropout > 0"
+                )
+            uncond = context
+        uncond = uncond.to(context).expand_as(context)
+        context = torch.where(drop_text.view(b, 1, 1), uncond, context)
+        image_context = cond.get("image_context")
+        if image_context is not None:
+            image_context = torch.where(
+                drop_image.view(b, 1, 1), torch.zeros_like(image_context), image_context
+            )
+
+        xt = self.q_sample(x0, t, noise)
+        out = model(xt, t, context, cond.get("fps"), image_context=image_context)
+        loss = F.mse_loss(out.float(), self.target(x0, t, noise))
+        stats = {
+            "loss": float(loss.detach()),
+            "t_mean": float(t.float().mean()),
+            "text_dropped": float(drop_text.float().mean()),
+            "image_dropped": float(drop_image.float().mean()) if image_context is not None else 0.0,
+        }
+        return loss, stats
