@@ -109,6 +109,7 @@ def shard_is_done(out_dir: str, stem: str) -> bool:
 
 def _atomic_write(url: str, data: bytes) -> None:
     fs, path = fsspec.core.url_to_fs(url)
+    fs.makedirs(fs._parent(path), exist_ok=True)
     tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
     with fs.open(tmp, "wb") as f:
         f.write(data)
