@@ -40,3 +40,18 @@ def tiny_models(tmp_path_factory, sample_data):
     out = tmp_path_factory.mktemp("tiny_models")
     write_tiny_models(str(out), seed=0)
     return out
+
+
+@pytest.fixture(scope="session")
+def encoded_shards(tmp_path_factory, sample_data, sample_server, tiny_models):
+    """The encode job run once (subprocess, embedded Ray) on `sample_data` with the tiny models: all three
+    sources at 256x256, 8-frame clips, 5 rows per shard. Has `.out_dir` (shards), `.summary`, `.config`."""
+    from types import SimpleNamespace
+
+    from tests.pipelines.job_helpers import job_config, run_job, write_config
+
+    root = tmp_path_factory.mktemp("encoded_shards")
+    config = job_config(sample_data, tiny_models, root / "shards", sample_server)
+    path = write_config(root / "job.yaml", config)
+    summary = run_job(path, root / "summary.json")
+    return SimpleNamespace(out_dir=root / "shards", summary=summary, config=config, config_path=path)

@@ -139,7 +139,12 @@ class VideoUNet(nn.Module):
             skips.extend(res)
         hs = self.mid_block(hs, emb, ctx, frames)
         for block in self.up_blocks:
-            hs = block(hs, skips, emb, ctx, frames)
+            # hand each block its own slice: ZeRO-3's forward hooks copy list arguments, so a block
+            # popping from the shared list would pop from a copy
+            n = len(block.resnets)
+            mine = skips[-n:]
+            del skips[-n:]
+            hs = block(hs, mine, emb, ctx, frames)
         hs = self.conv_out(self.conv_act(self.conv_norm_out(hs)))
         return hs.view(b, frames, -1, h, w).permute(0, 2, 1, 3, 4)
 

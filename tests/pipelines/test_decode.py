@@ -1,0 +1,160 @@
+"""The decode stage on real mp4s and images: clip sampling, resize/crop, EXIF, and the guarded decoder."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipelines.decode import DecodeStage, GuardedDecoder, default_buckets, frames_of
+from pipelines.decode_worker import cover_size, nearest_bucket, plan_clip
+from pipelines.rows import new_row, rows_of, table_of
+from pipelines.sample_media import NOT_A_VIDEO, rng_for, write_video
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory):
+    root = tmp_path_factory.mktemp("clips")
+    rng = rng_for("test_decode", 0)
+    write_video(str(root / "a.mp4"), 320, 180, 24, 48, rng)  # 2 s at 24 fps
+    write_video(str(root / "short.mp4"), 160, 96, 24, 10, rng)
+    (root / "empty.mp4").write_bytes(b"")
+    (root / "text.mp4").write_bytes(NOT_A_VIDEO)
+    data = (root / "a.mp4").read_bytes()
+    (root / "truncated.mp4").write_bytes(data[: len(data) // 2])
+    return root
+
+
+def _row(path, kind="video", stage="256x256", **kw):
+    kw.setdefault("local_path", str(path))
+    return new_row(
+        key=f"k_{kind}", source="webvid", uri=str(path), kind=kind, stage=stage, shard=0, shard_rows=1, **kw
+    )
+
+
+def _decode(rows, **cfg):
+    stage = DecodeStage({"num_frames": 8, "frame_stride": 2, "start": "start", **cfg})
+    try:
+        return rows_of(stage(table_of(rows)))
+    finally:
+        stage.decoder.close()
+
+
+def test_clip_of_n_frames_at_a_stride_resized_and_cropped(clips):
+    (row,) = _decode([_row(clips / "a.mp4", stage="512x320")])
+    assert row["err_stage"] == ""
+    frames = frames_of(row)
+    assert frames.shape == (8, 320, 512, 3) and frames.dtype == np.uint8
+    assert row["frame_indices"] == list(range(0, 16, 2)) and row["frame_stride"] == 2
+    assert row["src_fps"] == pytest.approx(24) and row["sample_fps"] == pytest.approx(12)
+    assert (row["orig_width"], row["orig_height"]) == (320, 180) and row["num_src_frames"] == 48
+    assert row["src_duration"] == pytest.approx(2.0)
+    assert frames.std() > 1  # real pixels, not a blank buffer
+
+
+def test_target_fps_random_start_and_adapted_stride(clips):
+    (row,) = _decode([_row(clips / "a.mp4")], frame_stride=None, target_fps=6, start="random")
+    assert row["frame_stride"] == 4 and row["sample_fps"] == pytest.approx(6)
+    assert np.diff(row["frame_indices"]).tolist() == [4] * 7 and row["frame_indices"][-1] < 48
+    again = _decode([_row(clips / "a.mp4")], frame_stride=None, target_fps=6, start="random")[0]
+    assert again["frame_indices"] == row["frame_indices"]  # seeded by the key
+    (short,) = _decode([_row(clips / "short.mp4")], frame_stride=4)  # 10 frames: stride drops to 1
+    assert (
+        short["err_stage"] == "" and short["frame_stride"] == 1 and short["frame_indices"] == list(range(8))
+    )
+    (rejected,) = _decode([_row(clips / "short.mp4")], frame_stride=4, adapt_stride=False)
+    assert (rejected["err_stage"], rejected["err_reason"]) == ("decode", "too_short")
+    (too_few,) = _decode([_row(clips / "short.mp4")], num_frames=16)
+    assert too_few["err_reason"] == "too_short"
+
+
+def test_broken_files_become_error_rows_and_the_stage_goes_on(clips):
+    rows = [_row(clips / n) for n in ("empty.mp4", "text.mp4", "truncated.mp4", "a.mp4")]
+    for i, row in enumerate(rows):
+        row["key"] = f"k{i}"
+    out = _decode(rows)
+    assert [(r["err_stage"], r["err_reason"]) for r in out] == [
+        ("decode", "empty_file"),
+        ("decode", "undecodable"),
+        ("decode", "undecodable"),
+        ("", ""),
+    ]
+    assert frames_of(out[3]).shape == (8, 256, 256, 3)
+
+
+def test_bytes_input_decodes_like_the_file(clips):
+    by_path = _decode([_row(clips / "a.mp4")])[0]
+    row = _row(clips / "a.mp4", local_path="", data=(clips / "a.mp4").read_bytes())
+    by_bytes = _decode([row])[0]
+    assert by_bytes["err_stage"] == "" and np.array_equal(frames_of(by_path), frames_of(by_bytes))
+
+
+def _jpeg(size, **save):
+    img = Image.new("RGB", size, (200, 30, 30))
+    img.paste((30, 30, 200), (0, 0, size[0] // 2, size[1]))  # left half blue
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", **save)
+    return buf.getvalue()
+
+
+def test_images_exif_modes_and_rejections(tmp_path):
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
+    (tmp_path / "rot.jpg").write_bytes(_jpeg((400, 200), exif=exif))
+    Image.new("RGBA", (300, 300), (0, 0, 0, 0)).save(tmp_path / "alpha.png")
+    Image.new("P", (300, 200)).save(tmp_path / "pal.gif")
+    (tmp_path / "page.jpg").write_bytes(b"<html><body>not an image</body></html>")
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    names = ["rot.jpg", "alpha.png", "pal.gif", "page.jpg", "empty.jpg"]
+    rows = [_row(tmp_path / n, kind="image") for n in names]
+    for n, row in zip(names, rows):
+        row["key"] = n.replace(".", "_")
+    rot, alpha, pal, page, empty = _decode(rows)
+    assert (rot["orig_width"], rot["orig_height"]) == (200, 400)  # EXIF orientation applied
+    frames = frames_of(rot)
+    assert frames.shape == (1, 256, 256, 3)
+    top, bottom = frames[0, :64].mean(axis=(0, 1)), frames[0, -64:].mean(axis=(0, 1))
+    assert top[2] > top[0] and bottom[0] > bottom[2]  # the blue half went to the top
+    assert frames_of(alpha)[0].min() > 250  # transparent -> white, RGB
+    assert frames_of(pal).shape == (1, 256, 256, 3)
+    assert page["err_reason"] == "not_an_image" and empty["err_reason"] == "empty_file"
+
+
+def test_bucketing_and_sizes():
+    assert default_buckets("512x320") == [(512, 320), (320, 512), (384, 384)]
+    assert nearest_bucket(300, 600, default_buckets("512x320")) == (320, 512)
+    assert nearest_bucket(1000, 990, default_buckets("512x320")) == (384, 384)
+    assert cover_size(596, 336, 256, 256) == (454, 256)
+    assert plan_clip(100, 30.0, {"num_frames": 4, "frame_stride": 3, "start": "center", "key": "x"}) == (
+        [45, 48, 51, 54],
+        3,
+    )
+
+
+def test_bucketing_in_the_stage(tmp_path):
+    Image.new("RGB", (300, 600), (9, 9, 9)).save(tmp_path / "tall.png")
+    (row,) = _decode([_row(tmp_path / "tall.png", kind="image", stage="512x320")], bucketing=True)
+    assert frames_of(row).shape == (1, 512, 320, 3) and (row["out_width"], row["out_height"]) == (320, 512)
+
+
+def test_guard_timeout_crash_and_memory_cap(clips):
+    request = DecodeStage({"num_frames": 8}).request(_row(clips / "a.mp4"))
+    guard = GuardedDecoder(timeout_s=0.001)
+    try:
+        assert guard(request)["reason"] == "decode_timeout"
+        guard.timeout_s = 60
+        assert guard(request)["ok"]  # a fresh process after the kill
+        guard.proc.kill()  # the decoder dies between items (segfault, OOM killer)
+        guard.proc.wait()
+        assert guard(request)["ok"]
+    finally:
+        guard.close()
+    small = GuardedDecoder(timeout_s=60, memory_limit_mb=256)
+    try:
+        big = dict(request, width=1024, height=576, num_frames=40, frame_stride=1)
+        result = small(big)
+        assert not result["ok"] and result["reason"] == "undecodable"
+    finally:
+        small.close()

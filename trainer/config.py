@@ -1,0 +1,305 @@
+"""Typed training configuration: a run is a list of phases (data, steps, trainable group) plus model/DeepSpeed/logging."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+import zlib
+from dataclasses import dataclass, field
+
+import yaml
+
+from shards.config import LoaderConfig, SourceSpec
+from shards.format import RESOLUTIONS
+
+TRAINABLE = ("all", "spatial", "temporal")
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    """Where one phase's batches come from (becomes a shards LoaderConfig)."""
+
+    # Sources: [{name, urls, weight}]; "{stage}" in urls is replaced by the phase's stage.
+    sources: list[SourceSpec]
+    # Samples per video batch (the micro batch) and per image batch (images are cheaper).
+    video_batch_size: int = 1
+    image_batch_size: int = 4
+    # "ratio" (deterministic V I V I ...) or "probability"; image batches per video batch.
+    schedule: str = "ratio"
+    image_per_video: float = 1.0
+    shuffle_buffer: int = 64
+    # DataLoader worker processes per rank (0: read in the training process).
+    num_workers: int = 2
+    prefetch_factor: int = 2
+    # fps conditioning given to image batches.
+    image_fps: float = 8.0
+    # Pixels per latent cell (8 for SD's VAE); used to check latent shapes.
+    vae_downsample: int = 8
+    # "skip" bad samples (count and log) or "raise".
+    on_bad_sample: str = "skip"
+
+    def __post_init__(self):
+        self.sources = [s if isinstance(s, SourceSpec) else SourceSpec(**s) for s in self.sources]
+        if not self.sources:
+            raise ValueError("phases[].data.sources is empty; give at least one {name, urls, weight}")
+
+    def loader_config(self, *, stage: str, seed: int) -> LoaderConfig:
+        return LoaderConfig(
+            sources=self.sources,
+            stage=stage,
+            video_batch_size=self.video_batch_size,
+            image_batch_size=self.image_batch_size,
+            schedule=self.schedule,
+            image_per_video=self.image_per_video,
+            shuffle_buffer=self.shuffle_buffer,
+            num_workers=self.num_workers,
+            prefetch_factor=self.prefetch_factor,
+            resampled=True,
+            seed=seed,
+            image_fps=self.image_fps,
+            vae_downsample=self.vae_downsample,
+            on_bad_sample=self.on_bad_sample,
+        )
+
+
+@dataclass(kw_only=True)
+class OptimConfig:
+    """AdamW and the learning-rate schedule of one phase."""
+
+    lr: float = 6.0e-5  # peak learning rate (VideoCrafter: 6e-5 .. 1e-4)
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1.0e-8
+    warmup_steps: int = 0  # linear warmup from 0 over this many optimizer steps
+    schedule: str = "constant"  # after warmup: constant | cosine | linear (to min_lr_ratio * lr)
+    min_lr_ratio: float = 0.0
+    grad_clip: float = 1.0  # global gradient-norm clip (0: off)
+
+    def __post_init__(self):
+        self.betas = tuple(float(b) for b in self.betas)
+        if not self.lr > 0:
+            raise ValueError(f"optim.lr must be > 0, got {self.lr}")
+        if self.schedule not in ("constant", "cosine", "linear"):
+            raise ValueError(f"optim.schedule must be constant, cosine or linear, got {self.schedule!r}")
+        if self.warmup_steps < 0 or self.grad_clip < 0 or not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(
+                "optim.warmup_steps and optim.grad_clip must be >= 0, optim.min_lr_ratio in [0, 1]"
+            )
+
+
+@dataclass(kw_only=True)
+class PhaseConfig:
+    """One training phase: a resolution stage, its data, length, global batch and trainable parameters."""
+
+    name: str  # unique, [a-z0-9_-]; also seeds the phase's data order
+    stage: str  # resolution tag: 256x256 | 512x320 | 1024x576
+    steps: int  # optimizer steps
+    data: DataConfig
+    # Video samples per optimizer step over all ranks = video_batch_size x grad_accum x world_size (checked).
+    global_batch_size: int
+    # Micro batches per optimizer step; null: derived from global_batch_size.
+    grad_accum: int | None = None
+    # all | spatial (VideoCrafter2: temporal frozen) | temporal
+    trainable: str = "all"
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    cfg_dropout: float = 0.1  # text dropped to the empty caption with this probability (for CFG)
+
+    def __post_init__(self):
+        if isinstance(self.data, dict):
+            self.data = DataConfig(**self.data)
+        if isinstance(self.optim, dict):
+            self.optim = OptimConfig(**self.optim)
+        if not self.name or not all(c.isalnum() or c in "-_" for c in self.name):
+            raise ValueError(f"phases[].name {self.name!r} must be letters, digits, '-' or '_'")
+        if self.stage not in RESOLUTIONS:
+            raise ValueError(f"phases[{self.name}].stage {self.stage!r} is not one of {sorted(RESOLUTIONS)}")
+        if self.steps < 1 or self.global_batch_size < 1:
+            raise ValueError(f"phases[{self.name}].steps and global_batch_size must be >= 1")
+        if self.trainable not in TRAINABLE:
+            raise ValueError(f"phases[{self.name}].trainable {self.trainable!r} must be one of {TRAINABLE}")
+        if self.grad_accum is not None and self.grad_accum < 1:
+            raise ValueError(f"phases[{self.name}].grad_accum must be >= 1 or null")
+
+    def resolve_grad_accum(self, world_size: int) -> int:
+        """Micro batches per step so that video_batch_size x grad_accum x world_size == global_batch_size."""
+        micro = self.data.video_batch_size * world_size
+        accum = self.grad_accum if self.grad_accum is not None else max(1, self.global_batch_size // micro)
+        if micro * accum != self.global_batch_size:
+            raise ValueError(
+                f"phases[{self.name}]: global_batch_size {self.global_batch_size} != video_batch_size "
+                f"{self.data.video_batch_size} x grad_accum {accum} x world_size {world_size}; fix "
+                f"global_batch_size, data.video_batch_size or grad_accum"
+            )
+        return accum
+
+    def seed(self, run_seed: int) -> int:
+        """The phase's data seed, derived from its name."""
+        return (run_seed * 1_000_003 + zlib.crc32(self.name.encode())) % (2**31)
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    """The trained U-Net and the frozen encoders it pairs with."""
+
+    unet: str = "tiny"  # trainer.model.UNET_CONFIGS preset: tiny | vc-512
+    # SD 2.1 diffusers folder (vae/, text_encoder/, tokenizer/, unet/): the empty caption and preview
+    # prompts are encoded with its text encoder, previews decoded with its VAE.
+    model_dir: str
+    init_from_sd: bool = True  # inflate model_dir/unet into the spatial layers at the start of a run
+    init_checkpoint: str | None = None  # or start from a consolidated .safetensors (overrides init_from_sd)
+    image_cross_attention: bool = False  # I2V: decoupled image cross-attention on batch image_tokens
+    prediction: str = "eps"  # eps | v
+    gradient_checkpointing: bool = False
+
+    def __post_init__(self):
+        if self.prediction not in ("eps", "v"):
+            raise ValueError(f"model.prediction must be eps or v, got {self.prediction!r}")
+
+
+@dataclass(kw_only=True)
+class DeepSpeedConfig:
+    """How DeepSpeed shards and steps."""
+
+    zero_stage: int = 2  # 1, 2 or 3
+    bf16: str = "auto"  # auto (on where the accelerator supports it, off on CPU) | true | false
+    # torch_adamw: torch.optim.AdamW as the client optimizer (no compile); deepspeed_adam: DeepSpeed's fused AdamW.
+    optimizer: str = "torch_adamw"
+    extra: dict = field(default_factory=dict)  # merged into the generated DeepSpeed JSON config
+
+    def __post_init__(self):
+        self.bf16 = str(self.bf16).lower()
+        if self.zero_stage not in (1, 2, 3):
+            raise ValueError(f"deepspeed.zero_stage must be 1, 2 or 3, got {self.zero_stage}")
+        if self.bf16 not in ("auto", "true", "false"):
+            raise ValueError(f"deepspeed.bf16 must be auto, true or false, got {self.bf16!r}")
+        if self.optimizer not in ("torch_adamw", "deepspeed_adam"):
+            raise ValueError(
+                f"deepspeed.optimizer must be torch_adamw or deepspeed_adam, got {self.optimizer!r}"
+            )
+
+
+@dataclass(kw_only=True)
+class CheckpointConfig:
+    every_steps: int = 1000  # also saved at the end of every phase
+    keep_last: int = 3  # older step checkpoints are deleted (phase-end ones are kept)
+    export_safetensors: bool = True  # consolidated fp32 + EMA safetensors at every phase end
+
+
+@dataclass(kw_only=True)
+class EmaConfig:
+    enabled: bool = True
+    decay: float = 0.9999
+
+    def __post_init__(self):
+        if not 0 < self.decay < 1:
+            raise ValueError(f"ema.decay must be in (0, 1), got {self.decay}")
+
+
+@dataclass(kw_only=True)
+class LoggingConfig:
+    every_steps: int = 10  # tensorboard + console line
+    tensorboard: bool = True
+    progress: bool = True  # rich progress bar on rank 0
+
+
+@dataclass(kw_only=True)
+class PreviewConfig:
+    every_steps: int = 2000  # 0: only at phase ends
+    at_phase_end: bool = True
+    prompts: list[str] = field(default_factory=lambda: ["a dog runs along the beach at sunset"])
+    num_frames: int = 16
+    fps: float = 8.0
+    ddim_steps: int = 50
+    guidance_scale: float = 7.5
+    formats: list[str] = field(default_factory=lambda: ["mp4", "gif"])
+    use_ema: bool = False  # sample with the EMA weights instead of the live ones
+    resolution: str | None = None  # "WxH" of the samples; null: the phase's stage
+    seed: int = 0
+
+    def __post_init__(self):
+        bad = [f for f in self.formats if f not in ("mp4", "gif")]
+        if bad or not self.prompts:
+            raise ValueError(f"preview.formats must be mp4/gif (got {bad}) and preview.prompts non-empty")
+        if self.resolution is not None and self.resolution not in RESOLUTIONS:
+            raise ValueError(
+                f"preview.resolution {self.resolution!r} is not one of {sorted(RESOLUTIONS)} (or null)"
+            )
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """A whole run: phases executed in order; the trainer moves from one to the next by itself."""
+
+    name: str = "run"
+    out_dir: str  # checkpoints (ckpt/), tensorboard (tb/), previews (previews/), exports (export/)
+    seed: int = 0
+    model: ModelConfig
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    phases: list[PhaseConfig]
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    ema: EmaConfig = field(default_factory=EmaConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    preview: PreviewConfig = field(default_factory=PreviewConfig)
+
+    def __post_init__(self):
+        if not self.phases:
+            raise ValueError("phases is empty; give at least one phase")
+        names = [p.name for p in self.phases]
+        if len(set(names)) != len(names):
+            raise ValueError(f"phases have duplicate names {names}")
+
+
+def _build(cls, data):
+    """Recursively build dataclass `cls` from a dict, rejecting unknown keys by name."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{cls.__name__}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"{cls.__name__}: unknown option(s) {unknown}; known: {sorted(names)}")
+    kwargs = {}
+    for key, value in data.items():
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint) and isinstance(value, dict):
+            value = _build(hint, value)
+        elif typing.get_origin(hint) is list and value is not None:
+            (arg,) = typing.get_args(hint)
+            if dataclasses.is_dataclass(arg):
+                value = [_build(arg, v) if isinstance(v, dict) else v for v in value]
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def config_from_dict(data: dict) -> TrainConfig:
+    return _build(TrainConfig, data)
+
+
+def load_config(path: str, overrides: list[str] | None = None) -> TrainConfig:
+    """Read a YAML run config; `overrides` are "a.b.c=value" strings (value parsed as YAML)."""
+    with open(path) as f:
+        data = yaml.safe_load(f)
+    for item in overrides or []:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ValueError(f"override {item!r} must look like key.sub=value")
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node[int(part)] if isinstance(node, list) else node.setdefault(part, {})
+        last = parts[-1]
+        value = yaml.safe_load(raw)
+        if isinstance(node, list):
+            node[int(last)] = value
+        else:
+            node[last] = value
+    return config_from_dict(data)
+
+
+def to_dict(config) -> dict:
+    return dataclasses.asdict(config)
+
+
+def resolve_path(path: str, base: str | None = None) -> str:
+    return path if base is None or os.path.isabs(path) else os.path.join(base, path)

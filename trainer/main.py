@@ -1,0 +1,200 @@
+"""Trainer entry: `deepspeed trainer/main.py --config configs/train/X.yaml [--resume]` runs every phase of a run in order."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+# `deepspeed trainer/main.py` puts trainer/ first on sys.path, where trainer/logging.py would shadow the
+# standard library's logging (and config.py any `config` module). Use the repository root instead.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
+if os.path.dirname(_HERE) not in sys.path:
+    sys.path.insert(0, os.path.dirname(_HERE))
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(
+        prog="deepspeed trainer/main.py",
+        description="Train the video U-Net on latent shards through every phase of a run config "
+        "(DeepSpeed ZeRO; several ranks via the deepspeed launcher).",
+    )
+    parser.add_argument("--config", required=True, help="run YAML (configs/train/*.yaml)")
+    parser.add_argument("--resume", action="store_true", help="continue from out_dir/ckpt/latest if present")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set phases.0.steps=10 (repeatable)",
+    )
+    parser.add_argument(
+        "--local_rank", type=int, default=None, help=argparse.SUPPRESS
+    )  # passed by the launcher
+    return parser.parse_args(argv)
+
+
+def train(config, *, resume: bool) -> dict:
+    """Run (or continue) every phase; returns a summary on rank 0."""
+    import deepspeed.comm as dist
+    import torch
+
+    from shards.loader import ShardLoader
+    from trainer import checkpoint as ckpt
+    from trainer import engine as eng
+    from trainer.ema import EMA
+    from trainer.logging import TrainLogger
+    from trainer.phases import (
+        PhaseRunner,
+        RunState,
+        apply_trainable,
+        build_module,
+        export_phase,
+        initial_weights,
+    )
+    from trainer.preview import PreviewWriter, TextConditions
+
+    rank, world, _ = eng.init_distributed()
+    torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads()))))
+    device = eng.device()
+    out_dir = config.out_dir
+    ckpt_root = os.path.join(out_dir, "ckpt")
+    phase_list = [[p.name, p.steps] for p in config.phases]
+
+    state, resume_dir = RunState(phases=phase_list), None
+    if resume and (tag := ckpt.latest_tag(ckpt_root)) is not None:
+        resume_dir = os.path.join(ckpt_root, tag)
+        saved = ckpt.read_trainer_state(resume_dir)
+        if [list(p) for p in saved["phases"]] != phase_list:
+            raise ValueError(
+                f"{resume_dir}: saved with phases {saved['phases']}, the config has {phase_list}"
+            )
+        if saved.get("world_size", world) != world:
+            raise ValueError(
+                f"{resume_dir}: saved with {saved['world_size']} ranks; resume with the same number"
+            )
+        state = RunState(saved["phase_index"], saved["phase_step"], saved["global_step"], phase_list)
+    if rank == 0:
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, "config.json"), "w") as f:
+            from trainer.config import to_dict
+
+            json.dump(to_dict(config), f, indent=1)
+
+    text = TextConditions(config, keep_vae=rank == 0)
+    from trainer.model import get_config
+
+    if get_config(config.model.unet).context_dim != text.dim:
+        raise ValueError(
+            f"model.unet {config.model.unet!r} has context_dim {get_config(config.model.unet).context_dim} "
+            f"but {config.model.model_dir}'s text encoder is {text.dim}-wide; pick a matching pair"
+        )
+    ema = EMA(config.ema.decay) if config.ema.enabled else None
+    if resume_dir is not None:
+        ckpt.load_ema(resume_dir, ema)
+    logger = TrainLogger(
+        out_dir,
+        config.logging,
+        rank=rank,
+        total_steps=sum(p.steps for p in config.phases),
+        start_step=state.global_step,
+    )
+    preview = (
+        PreviewWriter(config, text, lambda: build_module(config), os.path.join(out_dir, "previews"))
+        if rank == 0
+        else None
+    )
+    if resume_dir:
+        logger.message(f"resuming from {resume_dir}: phase {state.phase_index} step {state.phase_step}")
+
+    weights_from = resume_dir  # a checkpoint whose consolidated weights start the next phase
+    exports: list[str] = []
+    for index in range(state.phase_index, len(config.phases)):
+        phase = config.phases[index]
+        mid_phase = index == state.phase_index and 0 < state.phase_step < phase.steps
+        if index == state.phase_index and state.phase_step >= phase.steps:
+            continue  # resumed from this phase's end checkpoint
+        if index != state.phase_index:
+            state.phase_index, state.phase_step = index, 0
+        module = build_module(config)
+        if config.model.gradient_checkpointing:
+            module.enable_gradient_checkpointing()
+        if mid_phase:
+            source = "the resumed checkpoint"  # weights come with engine.load_checkpoint below
+        elif weights_from is None:
+            source = initial_weights(module, config)
+        else:
+            module.load_state_dict(ckpt.fp32_state_dict(weights_from), strict=True)
+            source = os.path.basename(weights_from)
+        counts = apply_trainable(module, phase.trainable)  # before initialize: see engine.initialize
+        # fp32 copies of the frozen params, saved with each checkpoint: exact through bf16 and ZeRO-1
+        frozen = (
+            ckpt.read_frozen(resume_dir)
+            if mid_phase
+            else {n: p.detach().float().clone() for n, p in module.named_parameters() if not p.requires_grad}
+        )
+        engine, _, ds_json = eng.initialize(module, phase, config.deepspeed, world)
+        if mid_phase:
+            ckpt.load_engine(engine, resume_dir)
+        loader = ShardLoader(
+            phase.data.loader_config(stage=phase.stage, seed=phase.seed(config.seed)),
+            rank=rank,
+            world_size=world,
+        )
+        if mid_phase:
+            loader.load_state_dict(ckpt.read_loader_state(resume_dir, rank))
+        if ema is not None:
+            ema.start_phase(engine.module, config.deepspeed.zero_stage, frozen)
+        logger.message(
+            f"phase {phase.name} ({index + 1}/{len(config.phases)}): {phase.stage}, {phase.steps} steps, "
+            f"trainable={phase.trainable} {counts}, ZeRO-{config.deepspeed.zero_stage}, "
+            f"bf16={ds_json['bf16']['enabled']}, grad_accum={ds_json['gradient_accumulation_steps']}, "
+            f"world={world}, weights from {source}"
+        )
+        runner = PhaseRunner(
+            config=config,
+            phase=phase,
+            engine=engine,
+            loader=loader,
+            state=state,
+            rank=rank,
+            world=world,
+            text=text,
+            ema=ema,
+            logger=logger,
+            preview=preview,
+            device=device,
+            ckpt_root=ckpt_root,
+            frozen=frozen,
+        )
+        weights_from = runner.run()
+        if config.checkpoint.export_safetensors:
+            weights = ckpt.fp32_state_dict(weights_from) if rank == 0 else {}
+            exports += export_phase(weights_from, weights, ema, out_dir, phase.name, rank)
+        eng.destroy(engine)
+        del runner, engine, module
+        dist.barrier()
+    logger.close()
+    return {"global_step": state.global_step, "exports": exports}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    from trainer.config import load_config
+
+    config = load_config(args.config, args.overrides)
+    summary = train(config, resume=args.resume)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps({"done": True, **summary}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

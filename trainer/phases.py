@@ -1,0 +1,238 @@
+"""One phase of a run: build the U-Net, load its weights, freeze per `trainable`, initialise DeepSpeed, train, checkpoint."""
+
+from __future__ import annotations
+
+import os
+import time
+import zlib
+from dataclasses import dataclass, field
+
+import torch
+
+from trainer import checkpoint as ckpt
+from trainer.config import PhaseConfig, TrainConfig
+from trainer.ema import full_param_data
+
+
+def build_module(config: TrainConfig):
+    """The run's VideoUNet, randomly initialised from the run seed (identical on every rank)."""
+    from trainer.model import build_unet
+
+    torch.manual_seed(config.seed)
+    return build_unet(config.model.unet, image_cross_attention=config.model.image_cross_attention)
+
+
+def initial_weights(module, config: TrainConfig) -> str:
+    """Weights at the start of a run: a consolidated safetensors, SD 2.1 inflation, or the seeded random init."""
+    m = config.model
+    if m.init_checkpoint:
+        from safetensors.torch import load_file
+
+        module.load_state_dict(load_file(m.init_checkpoint), strict=True)
+        return f"checkpoint {m.init_checkpoint}"
+    if m.init_from_sd:
+        from trainer.model import load_sd_unet_into
+
+        info = load_sd_unet_into(module, os.path.join(m.model_dir, "unet"))
+        return f"SD inflation from {info['folder']} ({info['loaded']} tensors)"
+    return "random init"
+
+
+def apply_trainable(module, trainable: str) -> dict:
+    """Freeze by group before deepspeed.initialize: spatial -> temporal frozen, temporal -> spatial frozen."""
+    from trainer.model import spatial_temporal_parameters
+
+    spatial, temporal = spatial_temporal_parameters(module)
+    module.requires_grad_(True)
+    if trainable == "spatial":
+        for p in temporal:
+            p.requires_grad_(False)
+    elif trainable == "temporal":
+        for p in spatial:
+            p.requires_grad_(False)
+    n = lambda ps: sum(p.numel() for p in ps if p.requires_grad)  # noqa: E731
+    return {"spatial_trainable": n(spatial), "temporal_trainable": n(temporal)}
+
+
+def step_seed(run_seed: int, phase: str, step: int, micro: int, rank: int) -> int:
+    """Seed of one micro step's noise, timesteps and CFG dropout (a pure function: resumes reproduce it)."""
+    return (run_seed * 1_000_003 + zlib.crc32(f"{phase}:{step}:{micro}:{rank}".encode())) % (2**62)
+
+
+@dataclass
+class RunState:
+    """Where a run is; saved as trainer_state.json in every checkpoint."""
+
+    phase_index: int = 0
+    phase_step: int = 0  # optimizer steps done in the current phase
+    global_step: int = 0  # optimizer steps done in the run
+    phases: list = field(default_factory=list)  # [name, steps] of every phase (checked on resume)
+
+    def as_dict(self, **extra) -> dict:
+        return {
+            "phase_index": self.phase_index,
+            "phase_step": self.phase_step,
+            "global_step": self.global_step,
+            "phases": self.phases,
+            **extra,
+        }
+
+
+class PhaseRunner:
+    """Trains one phase on a live engine; the driver (trainer.main) builds the engine and loader."""
+
+    def __init__(
+        self,
+        *,
+        config,
+        phase: PhaseConfig,
+        engine,
+        loader,
+        state: RunState,
+        rank: int,
+        world: int,
+        text,
+        ema,
+        logger,
+        preview,
+        device,
+        ckpt_root: str,
+        frozen: dict | None = None,
+    ):
+        from trainer.diffusion import Diffusion
+
+        self.config, self.phase, self.engine, self.loader = config, phase, engine, loader
+        self.state, self.rank, self.world = state, rank, world
+        self.text, self.ema, self.logger, self.preview = text, ema, logger, preview
+        self.device, self.ckpt_root = device, ckpt_root
+        self.frozen = frozen or {}
+        self.diffusion = Diffusion(prediction=config.model.prediction)
+        self.accum = phase.resolve_grad_accum(world)
+        self.zero = config.deepspeed.zero_stage
+        self.uncond = text.uncond.to(device)
+
+    def cond(self, batch: dict) -> dict:
+        tokens = batch["text_tokens"]
+        if tokens.shape[-1] != self.text.dim:
+            raise ValueError(
+                f"shards' text tokens are {tokens.shape[-1]}-wide but model.model_dir's text encoder gives "
+                f"{self.text.dim}; encode the shards with the same text encoder (sources {set(batch['sources'])})"
+            )
+        cond = {
+            "context": tokens.to(self.device),
+            "fps": batch["fps"].to(self.device),
+            "uncond_context": self.uncond,
+        }
+        if self.config.model.image_cross_attention and "image_tokens" in batch:
+            cond["image_context"] = batch["image_tokens"].to(self.device)
+        return cond
+
+    def train_step(self, batches) -> dict:
+        """gradient_accumulation_steps micro batches, one optimizer step; returns the step's log record."""
+        from trainer.logging import StepStats
+
+        stats = StepStats()
+        for micro in range(self.accum):
+            start = time.perf_counter()
+            batch = next(batches)
+            wait = time.perf_counter() - start
+            g = torch.Generator().manual_seed(
+                step_seed(self.config.seed, self.phase.name, self.state.phase_step, micro, self.rank)
+            )
+            x0 = batch["latent"].to(self.device)
+            loss, _ = self.diffusion.training_loss(
+                self.engine, x0, self.cond(batch), generator=g, cfg_dropout=self.phase.cfg_dropout
+            )
+            self.engine.backward(loss)
+            if self.engine.is_gradient_accumulation_boundary() != (micro == self.accum - 1):
+                raise RuntimeError("micro steps and DeepSpeed's gradient accumulation boundary disagree")
+            self.engine.step()
+            stats.add(batch["kind"], float(loss.detach()), batch, wait)
+        self.state.phase_step += 1
+        self.state.global_step += 1
+        if self.ema is not None:
+            self.ema.update(self.engine.module, self.zero)
+        red = stats.reduced()
+        grad_norm = self.engine.get_global_grad_norm()
+        return {
+            "global_step": self.state.global_step,
+            "phase": self.phase.name,
+            "phase_step": self.state.phase_step,
+            **red,
+            "lr": float(self.engine.get_lr()[0]),
+            "grad_norm": None if grad_norm is None else float(grad_norm),
+            "samples_per_s": red["samples"] / max(red["step_s"], 1e-9),
+            "data_wait_frac": red["data_wait_s"] / max(red["step_s"], 1e-9),
+            "bad_samples": self.loader.stats["bad_samples"],
+            "kinds": stats.kinds,
+            "keys": stats.keys,  # this rank's sample keys and sources (rank 0's in metrics.jsonl)
+            "sources": stats.sources,
+        }
+
+    def write_preview(self) -> None:
+        """Collective under ZeRO-3 (weights gathered); rank 0 samples and writes, the others wait."""
+        import deepspeed.comm as dist
+
+        use_ema = self.config.preview.use_ema and self.ema is not None
+        weights = None
+        if use_ema:
+            weights = self.ema.shadow
+        elif self.zero == 3 or self.rank == 0:
+            weights = full_param_data(self.engine.module, self.zero)
+        if self.rank == 0:
+            tag = f"step{self.state.global_step:08d}-{self.phase.name}"
+            paths = self.preview.write(
+                weights, stage=self.phase.stage, tag=tag, logger=self.logger, step=self.state.global_step
+            )
+            self.logger.message(f"preview: {', '.join(os.path.basename(p) for p in paths)}")
+        dist.barrier()
+
+    def save(self, *, phase_end: bool) -> str:
+        tag = ckpt.tag_for(self.state.global_step, self.phase.name if phase_end else None)
+        return ckpt.save(
+            self.engine,
+            self.ckpt_root,
+            tag,
+            rank=self.rank,
+            trainer_state=self.state.as_dict(
+                phase=self.phase.name, phase_end=phase_end, world_size=self.world
+            ),
+            loader_state=self.loader.state_dict(),
+            ema=self.ema,
+            frozen=self.frozen if self.rank == 0 else None,
+            keep_last=self.config.checkpoint.keep_last,
+        )
+
+    def run(self) -> str:
+        """Train until the phase's last step; returns the phase-end checkpoint folder."""
+        batches = iter(self.loader)
+        every_ckpt = self.config.checkpoint.every_steps
+        every_preview = self.config.preview.every_steps
+        while self.state.phase_step < self.phase.steps:
+            record = self.train_step(batches)
+            self.logger.log_step(record)
+            last = self.state.phase_step == self.phase.steps
+            if (every_preview and self.state.global_step % every_preview == 0) or (
+                last and self.config.preview.at_phase_end
+            ):
+                self.write_preview()
+            if last:
+                return self.save(phase_end=True)
+            if every_ckpt and self.state.global_step % every_ckpt == 0:
+                self.save(phase_end=False)
+        raise AssertionError("unreachable: a phase ends with its last step")
+
+
+def export_phase(ckpt_dir: str, weights: dict, ema, out_dir: str, phase: str, rank: int) -> list[str]:
+    """Rank 0: consolidated fp32 weights (and the EMA) of a phase end, as safetensors for inference."""
+    if rank != 0:
+        return []
+    meta = {"phase": phase, "checkpoint": os.path.basename(ckpt_dir)}
+    paths = [ckpt.export_safetensors(weights, os.path.join(out_dir, "export", f"{phase}.safetensors"), meta)]
+    if ema is not None:
+        paths.append(
+            ckpt.export_safetensors(
+                ema.shadow, os.path.join(out_dir, "export", f"{phase}-ema.safetensors"), meta
+            )
+        )
+    return paths
