@@ -18,17 +18,7 @@ import torch  # noqa: E402
 
 from pipelines.encode import EncodeStage  # noqa: E402
 from pipelines.models import ModelsConfig, write_tiny_models  # noqa: E402
-
-SD21_VAE = dict(  # Stable Diffusion 2.1 vae/config.json (random weights here: speed is what counts)
-    block_out_channels=(128, 256, 512, 512),
-    down_block_types=("DownEncoderBlock2D",) * 4,
-    up_block_types=("UpDecoderBlock2D",) * 4,
-    latent_channels=4,
-    layers_per_block=2,
-    norm_num_groups=32,
-    sample_size=768,
-    scaling_factor=0.18215,
-)
+from pipelines.tiny_models import SD21_VAE_CONFIG as SD21_VAE  # noqa: E402
 
 
 def make_batches(args) -> list[dict]:

@@ -28,23 +28,14 @@ from shards.config import LoaderConfig, SourceSpec
 from shards.format import ShardWriter, shard_stem
 from shards.loader import ShardLoader
 
-TINY_VAE = dict(block_out_channels=(8, 16, 32, 32))
-SD_VAE = dict(block_out_channels=(128, 256, 512, 512), norm_num_groups=32)
-
 
 def make_vae(kind: str):
     """diffusers.AutoencoderKL, random init: the tiny test config or the SD 2.1 size."""
     from diffusers import AutoencoderKL
 
-    cfg = dict(
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        latent_channels=4,
-        layers_per_block=1 if kind == "tiny" else 2,
-        norm_num_groups=8,
-        sample_size=256,
-    )
-    cfg.update(TINY_VAE if kind == "tiny" else SD_VAE)
+    from pipelines.tiny_models import SD21_VAE_CONFIG, TINY_VAE_CONFIG
+
+    cfg = TINY_VAE_CONFIG if kind == "tiny" else SD21_VAE_CONFIG
     torch.manual_seed(0)
     return AutoencoderKL(**cfg).eval()
 

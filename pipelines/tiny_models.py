@@ -57,6 +57,33 @@ BUILTIN_CAPTIONS = [
 ]
 
 
+# The tiny VAE: SD's AutoencoderKL class with 4 latent channels and 8x downsampling, a few thousand
+# times cheaper. SD21_VAE_CONFIG is Stable Diffusion 2.1's vae/config.json (benchmarks and tests build
+# it with random weights).
+TINY_VAE_CONFIG = dict(
+    in_channels=3,
+    out_channels=3,
+    block_out_channels=(8, 16, 32, 32),
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    latent_channels=4,
+    layers_per_block=1,
+    norm_num_groups=8,
+    sample_size=64,
+    scaling_factor=0.18215,
+)
+SD21_VAE_CONFIG = dict(
+    block_out_channels=(128, 256, 512, 512),
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    latent_channels=4,
+    layers_per_block=2,
+    norm_num_groups=32,
+    sample_size=768,
+    scaling_factor=0.18215,
+)
+
+
 def _seed(seed: int, name: str) -> int:
     """A per-component seed derived from its name (not an index), so adding components changes nothing."""
     return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**31)
@@ -186,18 +213,7 @@ def write_tiny_models(out_dir: str, *, seed: int = 0, captions: list[str] | None
     write_clip_tokenizer(str(out / "tokenizer"), vocab, merges)
 
     _save_seeded(
-        lambda: AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            block_out_channels=(8, 16, 32, 32),
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            latent_channels=4,
-            layers_per_block=1,
-            norm_num_groups=8,
-            sample_size=64,
-            scaling_factor=0.18215,
-        ),
+        lambda: AutoencoderKL(**TINY_VAE_CONFIG),
         seed,
         "vae",
         out / "vae",

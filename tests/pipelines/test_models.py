@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from pipelines.models import FrozenEncoders, ModelsConfig, main, write_tiny_models
-from pipelines.tiny_models import BOS, EOS, train_clip_bpe, write_clip_tokenizer
+from pipelines.tiny_models import BOS, EOS, SD21_VAE_CONFIG, train_clip_bpe, write_clip_tokenizer
 
 SD21_TEXT_CONFIG = dict(  # stabilityai/stable-diffusion-2-1 text_encoder/config.json
     hidden_size=1024,
@@ -25,16 +25,6 @@ SD21_TEXT_CONFIG = dict(  # stabilityai/stable-diffusion-2-1 text_encoder/config
     bos_token_id=0,
     eos_token_id=2,  # legacy value in the real config: pooling then takes the highest id (<|endoftext|>)
     pad_token_id=1,
-)
-SD21_VAE_CONFIG = dict(
-    block_out_channels=(128, 256, 512, 512),
-    down_block_types=("DownEncoderBlock2D",) * 4,
-    up_block_types=("UpDecoderBlock2D",) * 4,
-    latent_channels=4,
-    layers_per_block=2,
-    norm_num_groups=32,
-    sample_size=768,
-    scaling_factor=0.18215,
 )
 
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 from diffusers import AutoencoderKL
 
+from pipelines.tiny_models import TINY_VAE_CONFIG
 from trainer.diffusion import DDIMSampler, Diffusion, decode_to_frames, write_gif, write_mp4
 from trainer.model import build_unet
 
@@ -111,14 +112,7 @@ def test_tiny_model_overfits_one_batch(prediction):
 
 def _tiny_vae():
     torch.manual_seed(0)
-    return AutoencoderKL(
-        block_out_channels=(8, 16, 32, 32),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        latent_channels=4,
-        layers_per_block=1,
-        norm_num_groups=8,
-    ).eval()
+    return AutoencoderKL(**TINY_VAE_CONFIG).eval()
 
 
 @pytest.mark.parametrize("image", [False, True], ids=["t2v", "i2v"])
