@@ -60,6 +60,10 @@ class DataConfig:
             image_fps=self.image_fps,
             vae_downsample=self.vae_downsample,
             on_bad_sample=self.on_bad_sample,
+            # the loader hands over the VAE mean and std; the trainer draws the latent on its device
+            # (trainer.phases.sample_latent): cheaper than a CPU draw per sample in the loader
+            sample_latents=False,
+            return_latent_std=True,
         )
 
 

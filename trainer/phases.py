@@ -59,6 +59,17 @@ def step_seed(run_seed: int, phase: str, step: int, micro: int, rank: int) -> in
     return (run_seed * 1_000_003 + zlib.crc32(f"{phase}:{step}:{micro}:{rank}".encode())) % (2**62)
 
 
+def sample_latent(batch: dict, device, seed: int) -> torch.Tensor:
+    """x0 = scale * (mean + std * eps) on `device`, eps from a generator seeded by `seed` (resumes redraw it)."""
+    mean = batch["latent"].to(device)
+    std = batch.get("latent_std")
+    if std is None:  # a loader that sampled already (or shards without a std)
+        return mean
+    generator = torch.Generator(device=mean.device).manual_seed(seed)
+    eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+    return mean.addcmul_(std.to(device), eps)
+
+
 @dataclass
 class RunState:
     """Where a run is; saved as trainer_state.json in every checkpoint."""
@@ -136,10 +147,9 @@ class PhaseRunner:
             start = time.perf_counter()
             batch = next(batches)
             wait = time.perf_counter() - start
-            g = torch.Generator().manual_seed(
-                step_seed(self.config.seed, self.phase.name, self.state.phase_step, micro, self.rank)
-            )
-            x0 = batch["latent"].to(self.device)
+            seed = step_seed(self.config.seed, self.phase.name, self.state.phase_step, micro, self.rank)
+            g = torch.Generator().manual_seed(seed)
+            x0 = sample_latent(batch, self.device, seed ^ 0x5A17)
             loss, _ = self.diffusion.training_loss(
                 self.engine, x0, self.cond(batch), generator=g, cfg_dropout=self.phase.cfg_dropout
             )

@@ -28,7 +28,7 @@ def test_every_shipped_config_loads_with_the_recipe_sizes():
     assert got["vc2-spatial"][0] == "512x320" and got["vc2-spatial"][3] == "spatial"
     assert [s.name for s in load_config(str(CONFIGS / "vc2-spatial.yaml")).phases[0].data.sources] == ["jdb"]
     demo = load_config(str(CONFIGS / "demo.yaml"))
-    assert [p.name for p in demo.phases] == ["vc1-256", "vc1-512", "vc2-spatial"]
+    assert [p.name for p in demo.phases] == ["vc1-256", "vc1-512", "vc1-1024", "vc2-spatial"]
     assert demo.model.unet == "tiny" and demo.out_dir == "demo_out/train"
 
 
