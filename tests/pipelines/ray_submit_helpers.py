@@ -101,8 +101,9 @@ def authorize_key(home: Path, key_dir: Path) -> Path:
 
 
 class Traversable:
-    """Lets other users reach the interpreter (the venv's python links into e.g. /root/.pyenv): adds o+x to
-    the folders on its path that lack it, and puts the modes back on exit."""
+    """Lets other users reach a file (the interpreter, which links into e.g. /root/.pyenv; the venv, which may
+    sit in a private checkout): adds o+x to the folders on its path that lack it, and puts the modes back on
+    exit."""
 
     def __init__(self, target: str):
         self.changed: list[tuple[Path, int]] = []

@@ -66,7 +66,7 @@ def test_ray_submit_runs_the_job_on_a_local_provider_cluster(tmp_path, sample_da
         cluster = tmp_path / "cluster.yaml"
         cluster.write_text(cluster_yaml(name, key, free_port(), cpus=4))
         env = launcher_env()
-        with Traversable(sys.executable):
+        with Traversable(sys.executable), Traversable(str(venv_bin / "activate")):
             try:
                 run([ray_cli, "up", "-y", "--no-config-cache", str(cluster)], timeout=300, env=env)
                 submitted = run(
