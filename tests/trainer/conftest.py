@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import json
 import os
 import socket
@@ -176,19 +178,25 @@ def launch(config_path, *, ranks=2, resume=False, env_extra=None, timeout=300) -
         PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
         **(env_extra or {}),
     )
+    port = free_port()
     cmd = [
         str(BIN / "deepspeed"),
         "--num_gpus",
         str(ranks),
         "--master_port",
-        str(free_port()),
+        str(port),
         "trainer/main.py",
         "--config",
         str(config_path),
     ]
     if resume:
         cmd.append("--resume")
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    try:
+        return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    finally:  # a SIGKILLed rank cannot release its DeepSpeed /dev/shm buffer: do it for every launch
+        for path in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*"):
+            with contextlib.suppress(OSError):
+                os.unlink(path)
 
 
 def read_metrics(out_dir) -> list[dict]:
