@@ -101,8 +101,14 @@ class GuardedDecoder:
         deadline = time.monotonic() + self.timeout_s
         try:
             write_msg(self.proc.stdin, request)
-            header = self._read(8, deadline)
-            body = None if header is None else self._read(struct.unpack("<Q", header)[0], deadline)
+            header = self._read(16, deadline)
+            body = frames = None
+            if header is not None:  # see decode_worker.write_result: metadata, then the raw frames
+                meta_len, frames_len = struct.unpack("<QQ", header)
+                body = self._read(meta_len, deadline)
+                if body is not None and frames_len:
+                    frames = self._read(frames_len, deadline)
+                    body = None if frames is None else body
         except (BrokenPipeError, EOFError, OSError) as exc:
             code = self.proc.wait() if self.proc else None
             self.close()
@@ -120,7 +126,10 @@ class GuardedDecoder:
                 "reason": "decode_timeout",
                 "detail": f"over decode.timeout_s={self.timeout_s}",
             }
-        return pickle.loads(body)  # a private pipe from our own child process, never from the network
+        result = pickle.loads(body)  # a private pipe from our own child process, never from the network
+        if frames is not None:
+            result["frames"] = frames
+        return result
 
 
 class DecodeStage:

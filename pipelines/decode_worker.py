@@ -226,16 +226,29 @@ def decode(req: dict) -> dict:
         return {"ok": False, "reason": "undecodable", "detail": "out of memory (decode.memory_limit_mb)"}
     except Exception as exc:
         return {"ok": False, "reason": "undecodable", "detail": f"{type(exc).__name__}: {str(exc)[:300]}"}
-    frames = result.pop("frames")
-    result.update(ok=True, frames=frames.tobytes(), frames_shape=list(frames.shape))
+    frames = np.ascontiguousarray(result["frames"])
+    result.update(ok=True, frames=frames, frames_shape=list(frames.shape))
     return result
 
 
-# ---- the process protocol: 8-byte length + pickle, both ways ----------------------------------------
+# ---- the process protocol: requests 8-byte length + pickle; results see write_result ----------------------------------------
 def write_msg(stream, obj) -> None:
     data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
     stream.write(struct.pack("<Q", len(data)))
     stream.write(data)
+    stream.flush()
+
+
+def write_result(stream, result: dict) -> None:
+    """A decode result: 16-byte header (metadata length, frames length), pickled metadata, then the raw
+    frames straight from the array's memory (no tobytes or pickle copies of a multi-MB clip)."""
+    frames = result.pop("frames", None)
+    meta = pickle.dumps(result, protocol=pickle.HIGHEST_PROTOCOL)
+    payload = memoryview(frames).cast("B") if frames is not None else b""
+    stream.write(struct.pack("<QQ", len(meta), len(payload)))
+    stream.write(meta)
+    if len(payload):
+        stream.write(payload)
     stream.flush()
 
 
@@ -270,7 +283,7 @@ def serve(memory_limit_mb: int) -> None:
             req = pickle.loads(read_exact(inp, size))
         except EOFError:
             return
-        write_msg(out, decode(req))
+        write_result(out, decode(req))
 
 
 if __name__ == "__main__":
