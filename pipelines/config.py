@@ -90,7 +90,9 @@ class DecodeConfig:
     bucketing: bool = False  # resize to the nearest aspect bucket instead of the stage's own size
     buckets: dict[str, list[str]] = field(default_factory=dict)  # stage -> bucket sizes (default: derived)
     timeout_s: float = 60.0  # per item; a decoder that takes longer is killed (reason decode_timeout)
-    memory_limit_mb: int = 8192  # address-space limit of the decoder process (runaway memory)
+    memory_limit_mb: int = (
+        8192  # address space the decoder may map beyond its loaded libraries (runaway memory)
+    )
     decoder_threads: int = 1  # decord threads inside the decoder process
 
     def __post_init__(self):

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import fcntl
 import os
+import pickle
 import selectors
 import struct
 import subprocess
 import sys
 import time
+from collections import deque
 
 import numpy as np
 
 from pipelines.config import DecodeConfig
-from pipelines.decode_worker import write_msg
+from pipelines.decode_worker import SharedFrames, write_msg
 from pipelines.rows import fail, failed, rows_of, table_of
 
 F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)  # Linux
@@ -27,31 +29,42 @@ def default_buckets(stage: str) -> list[tuple[int, int]]:
     return list(dict.fromkeys([(w, h), (h, w), (side, side)]))
 
 
-class GuardedDecoder:
-    """A decoder subprocess (`python -m pipelines.decode_worker`) answering one request at a time.
+class DecoderDied(Exception):
+    """The decoder process closed its output or its input pipe (crash, abort, address-space limit)."""
 
-    A request that takes longer than `timeout_s` kills the process (reason decode_timeout); a process
-    that dies (segfault, abort, address-space limit) is restarted and the item fails as undecodable.
-    Either way the caller carries on with the next item.
+
+class GuardedDecoder:
+    """A decoder subprocess (`python -m pipelines.decode_worker`) behind a guard, fed `depth` requests ahead.
+
+    With two requests in flight the child decodes clip i+1 while it resizes and hands back clip i. A result
+    that takes longer than `timeout_s` (counted from when it is next due) kills the process and fails that
+    item (reason decode_timeout). A process that dies is restarted and the items it held are retried one at
+    a time, so only the item that kills a lone decoder fails (undecodable). Either way the caller carries on.
     """
 
-    def __init__(self, timeout_s: float = 60.0, memory_limit_mb: int = 8192):
-        self.timeout_s, self.memory_limit_mb = timeout_s, memory_limit_mb
+    def __init__(self, timeout_s: float = 60.0, memory_limit_mb: int = 8192, depth: int = 2):
+        self.timeout_s, self.memory_limit_mb, self.depth = timeout_s, memory_limit_mb, max(1, depth)
         self.proc: subprocess.Popen | None = None
+        self.slots: list[SharedFrames] = []  # frame buffers shared with the child, one per request in flight
         self.restarts = 0
 
     def _start(self) -> None:
         env = dict(os.environ, OMP_NUM_THREADS="1")
         debug = os.environ.get("LATENTCRAFTER_DECODE_DEBUG")
+        argv = [sys.executable, "-m", "pipelines.decode_worker", str(self.memory_limit_mb)]
+        if hasattr(os, "memfd_create"):  # Linux: frames come back through shared buffers, not the pipe
+            self.slots = [SharedFrames(os.memfd_create("latentcrafter-decode")) for _ in range(self.depth)]
+            argv.append(",".join(str(slot.fd) for slot in self.slots))
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "pipelines.decode_worker", str(self.memory_limit_mb)],
+            argv,
+            pass_fds=[slot.fd for slot in self.slots],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=None if debug else subprocess.DEVNULL,
             env=env,
             bufsize=0,
         )
-        for stream in (self.proc.stdin, self.proc.stdout):  # bigger pipes: a clip crosses in a few writes
+        for stream in (self.proc.stdin, self.proc.stdout):  # bigger pipes: fewer wake-ups per message
             try:
                 fcntl.fcntl(stream.fileno(), F_SETPIPE_SZ, PIPE_BYTES)
             except OSError:
@@ -68,6 +81,10 @@ class GuardedDecoder:
                 except OSError:
                     pass
             self.proc = None
+        for slot in self.slots:
+            slot.close()
+            os.close(slot.fd)
+        self.slots = []
 
     def __del__(self):
         try:
@@ -75,8 +92,8 @@ class GuardedDecoder:
         except Exception:
             pass
 
-    def _read(self, n: int, deadline: float) -> bytes | None:
-        """n bytes from the child's stdout before the deadline; None on timeout; EOFError if it died."""
+    def _read(self, n: int, deadline: float) -> bytearray | None:
+        """n bytes from the child's stdout before the deadline; None on timeout; DecoderDied if it closed."""
         fd = self.proc.stdout.fileno()
         buf, got = bytearray(n), 0
         view = memoryview(buf)
@@ -88,48 +105,94 @@ class GuardedDecoder:
                     return None
                 size = os.readv(fd, [view[got:]])
                 if not size:
-                    raise EOFError("decoder process closed its output")
+                    raise DecoderDied("decoder process closed its output")
                 got += size
-        return bytes(buf) if n < 64 else buf
+        return buf
 
-    def __call__(self, request: dict) -> dict:
-        import pickle
-
+    def _send(self, request: dict, slot: int) -> None:
         if self.proc is None or self.proc.poll() is not None:
             self.close()
             self._start()
-        deadline = time.monotonic() + self.timeout_s
         try:
-            write_msg(self.proc.stdin, request)
-            header = self._read(16, deadline)
-            body = frames = None
-            if header is not None:  # see decode_worker.write_result: metadata, then the raw frames
-                meta_len, frames_len = struct.unpack("<QQ", header)
-                body = self._read(meta_len, deadline)
-                if body is not None and frames_len:
-                    frames = self._read(frames_len, deadline)
-                    body = None if frames is None else body
-        except (BrokenPipeError, EOFError, OSError) as exc:
-            code = self.proc.wait() if self.proc else None
-            self.close()
-            self.restarts += 1
-            return {
-                "ok": False,
-                "reason": "undecodable",
-                "detail": f"decoder process died (exit {code}): {exc}",
-            }
-        if body is None:
-            self.close()
-            self.restarts += 1
-            return {
-                "ok": False,
-                "reason": "decode_timeout",
-                "detail": f"over decode.timeout_s={self.timeout_s}",
-            }
+            write_msg(self.proc.stdin, dict(request, slot=slot))
+        except OSError as exc:  # BrokenPipeError: it died since the last result
+            raise DecoderDied(f"decoder process closed its input: {exc}") from exc
+
+    def _receive(self, slot: int, deadline: float) -> dict | None:
+        """The next result (its frames copied out of `slot`), or None if it is not there by the deadline."""
+        header = self._read(16, deadline)  # see decode_worker.write_result
+        if header is None:
+            return None
+        meta_len, inline_len = struct.unpack("<QQ", header)
+        body = self._read(meta_len, deadline)
+        frames = self._read(inline_len, deadline) if body is not None and inline_len else None
+        if body is None or (inline_len and frames is None):
+            return None
         result = pickle.loads(body)  # a private pipe from our own child process, never from the network
         if frames is not None:
             result["frames"] = frames
+        elif result.get("shared_bytes"):
+            with self.slots[slot].view(result.pop("shared_bytes")) as view:
+                result["frames"] = bytes(view)  # the slot is reused by a later request
         return result
+
+    def _restart(self) -> None:
+        self.close()
+        self.restarts += 1
+
+    def map(self, requests: list[dict]) -> list[dict]:
+        """Results for `requests`, in order: {"ok": True, "frames", ...} or {"ok": False, "reason", "detail"}."""
+        results: list[dict | None] = [None] * len(requests)
+        todo = deque(range(len(requests)))
+        inflight: deque[tuple[int, int]] = deque()  # (request index, slot), oldest first
+        suspects: set[int] = set()  # in flight when the decoder died: retried alone
+        idle_deaths = 0  # deaths with nothing in flight: the decoder cannot start at all
+        while todo or inflight:
+            try:
+                while todo and len(inflight) < self.depth:
+                    if inflight and (todo[0] in suspects or inflight[-1][0] in suspects):
+                        break
+                    busy = {slot for _, slot in inflight}
+                    slot = min(set(range(self.depth)) - busy)
+                    self._send(requests[todo[0]], slot)
+                    inflight.append((todo.popleft(), slot))
+                index, slot = inflight[0]
+                result = self._receive(slot, time.monotonic() + self.timeout_s)
+            except DecoderDied as exc:
+                code = self.proc.wait() if self.proc else None
+                self._restart()
+                idle_deaths = 0 if inflight else idle_deaths + 1
+                if idle_deaths > 3:
+                    raise RuntimeError(
+                        f"the decoder process exits at start (exit {code}); run `python -m "
+                        "pipelines.decode_worker` with LATENTCRAFTER_DECODE_DEBUG=1 to see why"
+                    ) from exc
+                if len(inflight) == 1 and inflight[0][0] in suspects:  # it died holding this item alone
+                    results[inflight.popleft()[0]] = {
+                        "ok": False,
+                        "reason": "undecodable",
+                        "detail": f"decoder process died (exit {code}): {exc}",
+                    }
+                suspects.update(index for index, _ in inflight)
+                todo.extendleft(reversed([index for index, _ in inflight]))
+                inflight.clear()
+                continue
+            if result is None:  # the oldest item is overdue: it is the one the child is stuck on
+                self._restart()
+                results[inflight.popleft()[0]] = {
+                    "ok": False,
+                    "reason": "decode_timeout",
+                    "detail": f"over decode.timeout_s={self.timeout_s}",
+                }
+                todo.extendleft(reversed([index for index, _ in inflight]))
+                inflight.clear()
+                continue
+            results[index] = result
+            inflight.popleft()
+        return results
+
+    def __call__(self, request: dict) -> dict:
+        return self.map([request])[0]
 
 
 class DecodeStage:
@@ -172,10 +235,14 @@ class DecodeStage:
             "threads": cfg.decoder_threads,
         }
 
-    def decode_row(self, row: dict) -> dict:
-        if failed(row):
-            return row
-        result = self.decoder(self.request(row))
+    def decode_rows(self, rows: list[dict]) -> list[dict]:
+        todo = [row for row in rows if not failed(row)]
+        for row, result in zip(todo, self.decoder.map([self.request(row) for row in todo])):
+            self._apply(row, result)
+        return rows
+
+    @staticmethod
+    def _apply(row: dict, result: dict) -> dict:
         row["data"] = None
         if not result.get("ok"):
             return fail(row, "decode", result["reason"], result.get("detail", ""))
@@ -197,7 +264,7 @@ class DecodeStage:
         return row
 
     def __call__(self, batch):
-        return table_of([self.decode_row(r) for r in rows_of(batch)])
+        return table_of(self.decode_rows(rows_of(batch)), zero_copy=("frames",))
 
 
 def frames_of(row: dict) -> np.ndarray:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import io
 import math
+import mmap
 import os
 import pickle
 import struct
 import sys
+import time
 import zlib
 
 import numpy as np
@@ -34,22 +36,34 @@ def cover_size(width: int, height: int, target_w: int, target_h: int) -> tuple[i
     return max(target_w, round(width * scale)), max(target_h, round(height * scale))
 
 
-def resize_crop(frames: np.ndarray, target_w: int, target_h: int) -> np.ndarray:
-    """uint8 [T,H,W,3] -> short-side resize (bicubic, PIL) and center crop to [T,target_h,target_w,3]."""
-    from PIL import Image
+def crop_box(width: int, height: int, target_w: int, target_h: int) -> tuple[int, int, int, int]:
+    """(left, top, w, h) of the centered region with the target's aspect ratio: what a short-side resize
+    followed by a center crop keeps, cut before resizing so only kept pixels are resampled."""
+    if width * target_h >= height * target_w:  # wider than the target: trim the sides
+        w, h = min(width, max(1, round(height * target_w / target_h))), height
+    else:
+        w, h = width, min(height, max(1, round(width * target_h / target_w)))
+    return (width - w) // 2, (height - h) // 2, w, h
 
-    t, h, w, _ = frames.shape
-    rw, rh = cover_size(w, h, target_w, target_h)
-    left, top = (rw - target_w) // 2, (rh - target_h) // 2
-    if (rw, rh) == (w, h):  # already the cover size (decode-time resize): crop only
-        return np.ascontiguousarray(frames[:, top : top + target_h, left : left + target_w])
-    out = np.empty((t, target_h, target_w, 3), dtype=np.uint8)
-    for i in range(t):
-        img = Image.fromarray(frames[i])
-        if (rw, rh) != (w, h):
-            img = img.resize((rw, rh), Image.BICUBIC)
-        out[i] = np.asarray(img)[top : top + target_h, left : left + target_w]
-    return out
+
+def resize_crop(frames, target_w: int, target_h: int) -> np.ndarray:
+    """uint8 [T,H,W,3] (numpy or torch) -> center crop to the target's aspect, then antialiased bicubic
+    resize (PIL-equivalent, torch's uint8 kernels: ~8x faster than PIL per frame) to [T,target_h,target_w,3]."""
+    import torch
+
+    x = torch.as_tensor(frames)
+    t, h, w, _ = x.shape
+    left, top, cw, ch = crop_box(w, h, target_w, target_h)
+    x = x[:, top : top + ch, left : left + cw]
+    if (cw, ch) == (target_w, target_h):
+        return np.ascontiguousarray(x.numpy())
+    y = torch.nn.functional.interpolate(
+        x.permute(0, 3, 1, 2),  # NCHW view of channels-last memory: no copy
+        size=(target_h, target_w),
+        mode="bicubic" if min(ch, cw) > 1 else "bilinear",
+        antialias=True,
+    )
+    return np.ascontiguousarray(y.permute(0, 2, 3, 1).numpy())
 
 
 # ---- clip planning ----------------------------------------------------------------------------------
@@ -139,8 +153,20 @@ def mp4_size(src) -> tuple[int, int] | None:
     return None
 
 
+# Measured (benchmarks/bench_decode.py, 1 thread): at 596x336 -> 256x256 decord's decode-time scaling
+# costs 4 ms/clip more than decoding full size and resizing the crop; at 1280x720 it saves 10 ms.
+DECODE_RESIZE_MIN_RATIO = 2.0
+
+
+def _as_tensor(batch):
+    """decord NDArray -> torch uint8 tensor over the same memory (dlpack: no copy of the clip)."""
+    from torch.utils.dlpack import from_dlpack
+
+    return from_dlpack(batch.to_dlpack())
+
+
 def decode_video(req: dict) -> dict:
-    """A clip of num_frames frames at a stride, resized and center-cropped to the target size."""
+    """A clip of num_frames frames at a stride (decoded size; `finish` resizes to "target")."""
     import decord
 
     src = _source(req)
@@ -148,9 +174,9 @@ def decode_video(req: dict) -> dict:
     size, scaled = None, {}
     if req.get("decode_resize"):  # decord scales while decoding (cheap) when the source size is known
         size = (req["known_width"], req["known_height"]) if req.get("known_width") else mp4_size(_source(req))
-    if size:
+    if size:  # decord's scaler costs more than it saves unless it shrinks the frames a lot
         rw, rh = cover_size(*size, *_target(req, *size))
-        if rw < size[0]:
+        if size[0] >= DECODE_RESIZE_MIN_RATIO * rw:
             scaled = {"width": rw, "height": rh}
     try:
         vr = decord.VideoReader(src, ctx=decord.cpu(0), num_threads=threads, **scaled)
@@ -163,16 +189,16 @@ def decode_video(req: dict) -> dict:
             raise DecodeFailure("undecodable", "the video has no frame rate")
     indices, stride = plan_clip(num_src, fps, req)
     try:
-        frames = vr.get_batch(indices).asnumpy()
+        frames = _as_tensor(vr.get_batch(indices))
     except Exception as exc:  # broken files often fail only here, on a later batch
         raise DecodeFailure("undecodable", f"{type(exc).__name__}: {str(exc)[:300]}") from exc
     if frames.ndim != 4 or frames.shape[0] != len(indices) or frames.shape[-1] != 3:
         raise DecodeFailure("undecodable", f"decord returned frames of shape {list(frames.shape)}")
     orig_w, orig_h = size if size else (frames.shape[2], frames.shape[1])
-    tw, th = _target(req, orig_w, orig_h)
-    out = resize_crop(frames, tw, th)
     return {
-        "frames": out,
+        "frames": frames,
+        "reader": vr,  # closed by `finish`, off the decoding thread (closing costs ~0.4 ms)
+        "target": _target(req, orig_w, orig_h),
         "src_fps": fps,
         "sample_fps": fps / stride,
         "frame_stride": stride,
@@ -185,7 +211,7 @@ def decode_video(req: dict) -> dict:
 
 
 def decode_image(req: dict) -> dict:
-    """An image with EXIF orientation applied, as RGB, resized and center-cropped: frames [1,H,W,3]."""
+    """An image with EXIF orientation applied, as RGB frames [1,H,W,3] (`finish` resizes to "target")."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     src = _source(req)
@@ -211,27 +237,82 @@ def decode_image(req: dict) -> dict:
     w, h = img.size
     if orig != img.size and (orig[1], orig[0]) != img.size:  # drafted: report the file's own size
         w, h = (orig[1], orig[0]) if (w > h) != (orig[0] > orig[1]) else orig
-    tw, th = _target(req, *img.size)
-    out = resize_crop(np.asarray(img)[None], tw, th)
-    return {"frames": out, "orig_width": w, "orig_height": h, "frame_indices": [0], "frame_stride": 1}
+    return {
+        "frames": np.asarray(img)[None],
+        "target": _target(req, *img.size),
+        "orig_width": w,
+        "orig_height": h,
+        "frame_indices": [0],
+        "frame_stride": 1,
+    }
 
 
-def decode(req: dict) -> dict:
-    """Decode one request; returns {"ok": True, ...} or {"ok": False, "reason", "detail"}."""
+def _failure(exc: BaseException) -> dict:
+    if isinstance(exc, DecodeFailure):
+        return {"ok": False, "reason": exc.reason, "detail": exc.detail}
+    if isinstance(exc, MemoryError):
+        return {"ok": False, "reason": "undecodable", "detail": "out of memory (decode.memory_limit_mb)"}
+    return {"ok": False, "reason": "undecodable", "detail": f"{type(exc).__name__}: {str(exc)[:300]}"}
+
+
+def decode_raw(req: dict) -> dict:
+    """The decoding half of a request: {"ok": True, "frames" at decoded size, "target", ...} or a failure."""
     try:
         result = decode_video(req) if req["kind"] == "video" else decode_image(req)
-    except DecodeFailure as exc:
-        return {"ok": False, "reason": exc.reason, "detail": exc.detail}
-    except MemoryError:
-        return {"ok": False, "reason": "undecodable", "detail": "out of memory (decode.memory_limit_mb)"}
-    except Exception as exc:
-        return {"ok": False, "reason": "undecodable", "detail": f"{type(exc).__name__}: {str(exc)[:300]}"}
-    frames = np.ascontiguousarray(result["frames"])
-    result.update(ok=True, frames=frames, frames_shape=list(frames.shape))
+    except Exception as exc:  # DecodeFailure, MemoryError, anything a broken file provokes
+        return _failure(exc)
+    result["ok"] = True
     return result
 
 
-# ---- the process protocol: requests 8-byte length + pickle; results see write_result ----------------------------------------
+def finish(result: dict) -> dict:
+    """The resizing half: an ok result's frames resized and center-cropped to its target, contiguous."""
+    result.pop("reader", None)
+    if not result.get("ok"):
+        return result
+    try:
+        frames = resize_crop(result.pop("frames"), *result.pop("target"))
+    except Exception as exc:
+        return _failure(exc)
+    result.update(frames=frames, frames_shape=list(frames.shape))
+    return result
+
+
+def decode(req: dict) -> dict:
+    """Decode one request in this process; returns {"ok": True, "frames", ...} or {"ok": False, "reason", "detail"}."""
+    return finish(decode_raw(req))
+
+
+# ---- the process protocol ------------------------------------------------------------------------
+# Requests: 8-byte length + pickle. Results: 16-byte header (metadata length, inline frames length), the
+# pickled metadata, then the frames inline; or, when the parent shares a frame buffer, the frames lie in
+# that buffer and the metadata says how many bytes ("shared_bytes").
+class SharedFrames:
+    """A frame buffer both processes map: a nameless memfd (nothing to leak when either dies), grown on demand."""
+
+    STEP = 4 << 20
+
+    def __init__(self, fd: int):
+        self.fd, self.map = fd, None
+
+    def view(self, n: int) -> memoryview:
+        """The first n bytes of the buffer; grows the file (decoder side) and remaps as needed."""
+        if self.map is None or len(self.map) < n:
+            size = os.fstat(self.fd).st_size
+            if size < n:
+                size = -(-n // self.STEP) * self.STEP
+                os.ftruncate(self.fd, size)
+            if self.map is not None:
+                self.map.close()
+            self.map = mmap.mmap(self.fd, size)
+        return memoryview(self.map)[:n]
+
+    def close(self) -> None:
+        if self.map is not None:
+            self.map.close()
+            self.map = None
+
+
 def write_msg(stream, obj) -> None:
     data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
     stream.write(struct.pack("<Q", len(data)))
@@ -239,12 +320,21 @@ def write_msg(stream, obj) -> None:
     stream.flush()
 
 
-def write_result(stream, result: dict) -> None:
-    """A decode result: 16-byte header (metadata length, frames length), pickled metadata, then the raw
-    frames straight from the array's memory (no tobytes or pickle copies of a multi-MB clip)."""
+def write_result(stream, result: dict, shared: SharedFrames | None = None) -> None:
+    """A decode result: the frames go to the shared buffer (or inline, raw from the array's memory) and
+    only the metadata is pickled: no tobytes or pickle copies of a multi-MB clip."""
     frames = result.pop("frames", None)
+    payload = b""
+    if frames is not None and shared is not None:
+        try:
+            with shared.view(frames.nbytes) as view:
+                np.copyto(np.frombuffer(view, dtype=np.uint8).reshape(frames.shape), frames)
+            result["shared_bytes"] = frames.nbytes
+        except (OSError, MemoryError, ValueError) as exc:  # no room under decode.memory_limit_mb
+            result = {"ok": False, "reason": "undecodable", "detail": f"frame buffer: {exc}"}
+    elif frames is not None:
+        payload = memoryview(frames).cast("B")
     meta = pickle.dumps(result, protocol=pickle.HIGHEST_PROTOCOL)
-    payload = memoryview(frames).cast("B") if frames is not None else b""
     stream.write(struct.pack("<QQ", len(meta), len(payload)))
     stream.write(meta)
     if len(payload):
@@ -263,28 +353,67 @@ def read_exact(stream, n: int) -> bytes:
     return b"".join(parts)
 
 
-def serve(memory_limit_mb: int) -> None:
-    """Answer decode requests on stdin/stdout until stdin closes (stray prints go to stderr)."""
+def _mapped_bytes() -> int:
+    """This process's current address-space size (VmSize), 0 where /proc is missing."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmSize:"):
+                    return int(line.split()[1]) << 10
+    except OSError:
+        pass
+    return 0
+
+
+def serve(memory_limit_mb: int, shared_fds: list[int] | None = None) -> None:
+    """Answer decode requests on stdin/stdout until stdin closes (stray prints go to stderr).
+
+    Two steps overlap: while a helper thread resizes clip i and writes its result, the main thread is
+    already decoding clip i+1 (decord and torch both release the GIL). Results leave in request order;
+    a request's "slot" names the shared buffer its frames go to (the parent keeps slots of unread results busy).
+    """
     out = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)
     sys.stdout = sys.stderr
     inp = sys.stdin.buffer
     import decord  # noqa: F401  (loaded before the memory limit: the limit is for decoding)
+    import torch
     from PIL import Image  # noqa: F401
 
+    torch.set_num_threads(1)
+    slots = [SharedFrames(fd) for fd in shared_fds or []]
     if memory_limit_mb:
         import resource
 
-        limit = int(memory_limit_mb) << 20
+        limit = _mapped_bytes() + (int(memory_limit_mb) << 20)  # room for decoding on top of the libraries
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-    while True:
+
+    def finish_and_send(raw: dict, slot: int | None) -> None:
         try:
-            (size,) = struct.unpack("<Q", read_exact(inp, 8))
-            req = pickle.loads(read_exact(inp, size))
-        except EOFError:
-            return
-        write_result(out, decode(req))
+            write_result(out, finish(raw), slots[slot] if slot is not None and slots else None)
+        except BaseException:  # the parent sees the process die and retries its items one by one
+            os._exit(70)
+
+    from concurrent.futures import ThreadPoolExecutor
+
+    # Fault injection for the guard's tests: "abort:KEY" or "hang:KEY" makes the request with that key
+    # crash or hang this process (never set outside tests).
+    fault, _, fault_key = os.environ.get("LATENTCRAFTER_DECODE_FAULT", "").partition(":")
+
+    with ThreadPoolExecutor(1, thread_name_prefix="finish") as finisher:
+        while True:
+            try:
+                (size,) = struct.unpack("<Q", read_exact(inp, 8))
+                req = pickle.loads(read_exact(inp, size))
+            except EOFError:
+                return
+            if fault and req.get("key") == fault_key:
+                os.abort() if fault == "abort" else time.sleep(3600)
+            finisher.submit(finish_and_send, decode_raw(req), req.get("slot"))
 
 
 if __name__ == "__main__":
-    serve(int(sys.argv[1]) if len(sys.argv) > 1 else 0)
+    serve(
+        int(sys.argv[1]) if len(sys.argv) > 1 else 0,
+        [int(fd) for fd in sys.argv[2].split(",")] if len(sys.argv) > 2 else None,
+    )

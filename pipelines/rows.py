@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import struct
+
 import pyarrow as pa
 
 from schemas import SOURCE_RECORD_SCHEMA, error_row
@@ -95,6 +97,23 @@ def rows_of(table: pa.Table) -> list[dict]:
     return table.to_pylist()
 
 
-def table_of(rows: list[dict]) -> pa.Table:
-    """Row dicts back to a pyarrow batch with the fixed job schema."""
-    return pa.Table.from_pylist(rows, schema=JOB_ROW_SCHEMA)
+def table_of(rows: list[dict], zero_copy: tuple[str, ...] = ()) -> pa.Table:
+    """Row dicts back to a pyarrow batch with the fixed job schema; the binary `zero_copy` columns wrap
+    their bytes objects in place (one chunk per row) instead of copying multi-MB values."""
+    if not zero_copy:
+        return pa.Table.from_pylist(rows, schema=JOB_ROW_SCHEMA)
+    table = pa.Table.from_pylist([{**r, **dict.fromkeys(zero_copy)} for r in rows], schema=JOB_ROW_SCHEMA)
+    for name in zero_copy:
+        chunks = [_binary_scalar(r.get(name)) for r in rows]
+        column = pa.chunked_array(chunks, type=pa.binary()) if chunks else table.column(name)
+        table = table.set_column(table.schema.get_field_index(name), JOB_ROW_SCHEMA.field(name), column)
+    return table
+
+
+def _binary_scalar(value) -> pa.Array:
+    """A one-row binary array over `value`'s own memory (bytes-like, or None for null)."""
+    if value is None:
+        return pa.nulls(1, pa.binary())
+    data = pa.py_buffer(value)
+    offsets = pa.py_buffer(struct.pack("<ii", 0, data.size))
+    return pa.Array.from_buffers(pa.binary(), 1, [None, offsets, data])

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from pipelines.decode import DecodeStage, GuardedDecoder, default_buckets, frames_of
-from pipelines.decode_worker import cover_size, nearest_bucket, plan_clip
+from pipelines.decode_worker import cover_size, crop_box, decode, nearest_bucket, plan_clip
 from pipelines.rows import new_row, rows_of, table_of
 from pipelines.sample_media import NOT_A_VIDEO, rng_for, write_video
 
@@ -127,6 +127,8 @@ def test_bucketing_and_sizes():
     assert nearest_bucket(300, 600, default_buckets("512x320")) == (320, 512)
     assert nearest_bucket(1000, 990, default_buckets("512x320")) == (384, 384)
     assert cover_size(596, 336, 256, 256) == (454, 256)
+    assert crop_box(596, 336, 256, 256) == (130, 0, 336, 336)
+    assert crop_box(320, 180, 256, 320) == (88, 0, 144, 180)
     assert plan_clip(100, 30.0, {"num_frames": 4, "frame_stride": 3, "start": "center", "key": "x"}) == (
         [45, 48, 51, 54],
         3,
@@ -153,8 +155,54 @@ def test_guard_timeout_crash_and_memory_cap(clips):
         guard.close()
     small = GuardedDecoder(timeout_s=60, memory_limit_mb=256)
     try:
-        big = dict(request, width=1024, height=576, num_frames=40, frame_stride=1)
+        big = dict(request, width=4096, height=2304, num_frames=40, frame_stride=1)  # 1.1 GB of frames
         result = small(big)
         assert not result["ok"] and result["reason"] == "undecodable"
     finally:
         small.close()
+
+
+def test_pipelined_results_come_in_order_and_match_in_process_decoding(clips):
+    stage = DecodeStage({"num_frames": 8, "frame_stride": 2, "start": "start"})
+    rows = [_row(clips / "a.mp4", stage=s) for s in ("256x256", "512x320", "320x512")]
+    rows.insert(1, _row(clips / "text.mp4"))
+    requests = [stage.request(r) for r in rows]
+    try:
+        results = stage.decoder.map(requests)
+    finally:
+        stage.decoder.close()
+    assert [r["ok"] for r in results] == [True, False, True, True]
+    for request, result in zip(requests, results):
+        if result["ok"]:
+            local = decode(request)
+            assert result["frames_shape"] == local["frames_shape"]
+            assert bytes(result["frames"]) == local["frames"].tobytes()
+    assert results[2]["frames_shape"] == [8, 320, 512, 3] and results[3]["frames_shape"] == [8, 512, 320, 3]
+
+
+def _keyed(clips, *keys):
+    stage = DecodeStage({"num_frames": 8, "frame_stride": 2})
+    return [dict(stage.request(_row(clips / "a.mp4")), key=k) for k in keys]
+
+
+def test_a_decoder_that_dies_fails_only_the_item_it_died_on(clips, monkeypatch):
+    monkeypatch.setenv("LATENTCRAFTER_DECODE_FAULT", "abort:bad")
+    guard = GuardedDecoder(timeout_s=60, depth=2)
+    try:
+        results = guard.map(_keyed(clips, "ok1", "bad", "ok2", "ok3"))
+    finally:
+        guard.close()
+    assert [r["ok"] for r in results] == [True, False, True, True]
+    assert results[1]["reason"] == "undecodable" and "died" in results[1]["detail"]
+    assert guard.restarts == 2  # once with two items in flight, once retrying "bad" alone
+
+
+def test_a_hung_item_times_out_and_the_items_behind_it_still_decode(clips, monkeypatch):
+    monkeypatch.setenv("LATENTCRAFTER_DECODE_FAULT", "hang:slow")
+    guard = GuardedDecoder(timeout_s=8, depth=2)
+    try:
+        results = guard.map(_keyed(clips, "ok1", "slow", "ok2"))
+    finally:
+        guard.close()
+    assert [r["ok"] for r in results] == [True, False, True]
+    assert results[1]["reason"] == "decode_timeout" and guard.restarts == 1
