@@ -214,7 +214,7 @@ def run(config: PipelineConfig) -> dict:
                     import ray
 
                     ray.shutdown()
-        unfinished = assembler.unfinished()
+        unfinished = assembler.drop_unfinished()
         elapsed = time.perf_counter() - started
         done_now = done + [dict(source=w["source"], stage=w["stage"], shard=w["shard"]) for w in written]
         summary = {

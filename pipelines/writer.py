@@ -192,8 +192,10 @@ class ShardAssembler:
                 )
             )
 
-    def unfinished(self) -> list[dict]:
-        """Shards still open (rows missing): these are not written and a rerun redoes them."""
+    def drop_unfinished(self) -> list[dict]:
+        """Shards still open (rows missing): dropped here (their temp tars removed); a rerun redoes them."""
+        for o in self.open.values():
+            o.writer.abort()
         return [
             {"source": s, "stage": st, "shard": k, "seen": o.seen, "expected": o.expected}
             for (s, st, k), o in self.open.items()

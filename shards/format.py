@@ -127,15 +127,19 @@ def write_parquet_atomic(url: str, rows: list[dict], schema: pa.Schema) -> None:
 class ShardWriter:
     """Writes one shard: samples into a tar, then the errors parquet, then the index parquet (done-marker).
 
-    The tar is built in memory and renamed into place, so a crash leaves either nothing or a tar
-    without an index; `shard_is_done` is false for it and a rerun redoes the shard.
+    The tar streams to `NAME.tmp-XXXXXXXX` beside its final name (memory stays at one sample) and is renamed
+    into place by `close`, so a crash leaves a temp file or a tar without an index: `shard_is_done` is
+    false for it, a rerun removes the temp files and redoes the shard. `abort` drops an unfinished shard.
     """
 
     def __init__(self, out_dir: str, stem: str):
         self.paths = ShardPaths.of(out_dir, stem)
         self.name = os.path.basename(self.paths.tar)
-        self._buf = io.BytesIO()
-        self._tar = tarfile.open(fileobj=self._buf, mode="w", format=tarfile.USTAR_FORMAT)
+        self._fs, self._path = fsspec.core.url_to_fs(self.paths.tar)
+        self._fs.makedirs(self._fs._parent(self._path), exist_ok=True)
+        self._tmp = f"{self._path}.tmp-{uuid.uuid4().hex[:8]}"
+        self._file = self._fs.open(self._tmp, "wb")
+        self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT)
         self._index: list[dict] = []
         self._errors: list[dict] = []
         self._keys: set[str] = set()
@@ -182,8 +186,14 @@ class ShardWriter:
     def close(self) -> dict:
         """Finish the shard: tar, then errors, then index. Returns {'samples', 'errors', 'bytes'}."""
         self._tar.close()
-        data = self._buf.getvalue()
-        _atomic_write(self.paths.tar, data)
+        self._file.close()
+        self._fs.mv(self._tmp, self._path)
         write_parquet_atomic(self.paths.errors, self._errors, ERROR_SCHEMA)
         write_parquet_atomic(self.paths.index, self._index, SHARD_INDEX_SCHEMA)
-        return {"samples": len(self._index), "errors": len(self._errors), "bytes": len(data)}
+        return {"samples": len(self._index), "errors": len(self._errors), "bytes": self._fs.size(self._path)}
+
+    def abort(self) -> None:
+        """Drop an unfinished shard: close and remove its temp file (nothing else was written)."""
+        self._file.close()
+        if self._fs.exists(self._tmp):
+            self._fs.rm(self._tmp)

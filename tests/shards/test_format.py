@@ -84,6 +84,8 @@ def test_writer_writes_tar_errors_then_index(tmp_path):
         )
     writer.add_errors([error_row(key="webvid_9", source="webvid", stage="fetch", reason="not_found")])
     assert not shard_is_done(str(tmp_path), stem)
+    (streaming,) = tmp_path.glob("*.tmp-*")  # samples go to disk as they come, not into memory
+    assert streaming.stat().st_size > 16384 and not (tmp_path / f"{stem}.tar").exists()
     summary = writer.close()
     assert summary["samples"] == 3 and summary["errors"] == 1
     assert shard_is_done(str(tmp_path), stem)
@@ -117,3 +119,14 @@ def test_writer_refuses_duplicates_and_missing_members(tmp_path):
     del broken["text_tokens.npy"]
     with pytest.raises(ValueError, match="missing members"):
         writer.write("jdb_b", broken, {})
+
+
+def test_an_aborted_writer_leaves_nothing(tmp_path):
+    writer = ShardWriter(str(tmp_path), shard_stem("jdb", "512x320", 2))
+    writer.write(
+        "jdb_a",
+        _members(np.random.default_rng(2), t=1),
+        {"source": "jdb", "origin_key": "a", "kind": "image", "stage": "512x320"},
+    )
+    writer.abort()
+    assert not list(tmp_path.iterdir())
