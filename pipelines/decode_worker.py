@@ -238,7 +238,7 @@ def decode_image(req: dict) -> dict:
     if orig != img.size and (orig[1], orig[0]) != img.size:  # drafted: report the file's own size
         w, h = (orig[1], orig[0]) if (w > h) != (orig[0] > orig[1]) else orig
     return {
-        "frames": np.asarray(img)[None],
+        "frames": np.array(img)[None],  # writable: torch refuses read-only arrays
         "target": _target(req, *img.size),
         "orig_width": w,
         "orig_height": h,

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from pipelines.decode import DecodeStage, GuardedDecoder, default_buckets, frames_of
-from pipelines.decode_worker import cover_size, crop_box, decode, nearest_bucket, plan_clip
+from pipelines.decode_worker import cover_size, crop_box, decode, nearest_bucket, plan_clip, resize_crop
 from pipelines.rows import new_row, rows_of, table_of
 from pipelines.sample_media import NOT_A_VIDEO, rng_for, write_video
 
@@ -206,3 +206,16 @@ def test_a_hung_item_times_out_and_the_items_behind_it_still_decode(clips, monke
         guard.close()
     assert [r["ok"] for r in results] == [True, False, True]
     assert results[1]["reason"] == "decode_timeout" and guard.restarts == 1
+
+
+def test_resize_crop_matches_pil_bicubic_on_the_kept_region():
+    rng = np.random.default_rng(0)
+    frames = rng.integers(0, 256, (2, 336, 596, 3), dtype=np.uint8)  # noise: the hardest case
+    out = resize_crop(frames, 256, 256)
+    left, top, w, h = crop_box(596, 336, 256, 256)
+    for i in range(2):
+        ref = np.asarray(
+            Image.fromarray(frames[i, top : top + h, left : left + w]).resize((256, 256), Image.BICUBIC)
+        )
+        diff = np.abs(out[i].astype(int) - ref.astype(int))
+        assert diff.max() <= 2 and diff.mean() < 0.5
