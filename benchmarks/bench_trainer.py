@@ -11,6 +11,7 @@ Prints steps/s of both, the ratio (target <= 1.2x) and the data-wait fraction of
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -71,7 +72,12 @@ def run(kind: str, args) -> dict:
             data={"sources": [{"name": "webvid", "urls": ["x.tar"]}], "video_batch_size": args.batch},
             optim={"lr": 1e-4, "grad_clip": 1.0},
         )
-        model, _, _ = eng.initialize(module, phase, DeepSpeedConfig(zero_stage=2, bf16="false"), 1)
+        model, _, _ = eng.initialize(
+            module,
+            phase,
+            DeepSpeedConfig(zero_stage=args.zero_stage, bf16="false", extra=json.loads(args.ds_extra)),
+            1,
+        )
     else:
         model = module
         opt = torch.optim.AdamW(module.parameters(), lr=1e-4)
@@ -112,6 +118,8 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--shards", default=None, help="existing shard folder (else random shards in a temp dir)"
     )
+    parser.add_argument("--zero-stage", type=int, default=2)
+    parser.add_argument("--ds-extra", default="{}", help="JSON merged into the DeepSpeed config")
     parser.add_argument("--repeats", type=int, default=2, help="alternate the two loops this many times")
     args = parser.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
