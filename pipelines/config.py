@@ -86,7 +86,7 @@ class DecodeConfig:
     target_fps: float | None = None  # ... or choose the stride that gives about this fps (overrides stride)
     adapt_stride: bool = True  # lower the stride for videos too short for the full span
     start: str = "random"  # clip start: random (seeded by the key) | start | center
-    decode_resize: bool = True  # let decord resize while decoding when the video is larger than needed
+    decode_resize: bool = True  # let decord scale while decoding when the video is >= 2x the needed size
     bucketing: bool = False  # resize to the nearest aspect bucket instead of the stage's own size
     buckets: dict[str, list[str]] = field(default_factory=dict)  # stage -> bucket sizes (default: derived)
     timeout_s: float = 60.0  # per item; a decoder that takes longer is killed (reason decode_timeout)
