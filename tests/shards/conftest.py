@@ -28,10 +28,15 @@ def write_shard(
     image_tokens=True,
     latent_hw=None,
     bad_member_at=None,
+    text_dim=TEXT_DIM,
+    std=(0.1, 1.0),
+    key_prefix=None,
+    rng=None,
     **meta,
 ):
-    """One finished shard of `n` random samples; returns the list of keys. `meta` overrides json fields."""
-    rng = np.random.default_rng([seed, shard, len(source)])
+    """One finished shard of `n` random samples; returns the list of keys. `meta` overrides json fields;
+    latent std is `std[0] + std[1] * uniform`; keys are `{key_prefix or source}_{shard:03d}_{i:04d}`."""
+    rng = rng or np.random.default_rng([seed, shard, len(source)])
     width, height = parse_resolution(stage)
     hw = latent_hw or (height // DOWN, width // DOWN)
     shape = [4, frames if kind == "video" else 1, *hw]
@@ -39,7 +44,7 @@ def write_shard(
     writer = ShardWriter(str(out_dir), shard_stem(source, stage, shard))
     keys = []
     for i in range(n):
-        key = f"{source}_{shard:03d}_{i:04d}"
+        key = f"{key_prefix or source}_{shard:03d}_{i:04d}"
         js = dict(
             key=key,
             source=source,
@@ -57,10 +62,10 @@ def write_shard(
         js.update(meta)
         members = {
             "latent.npy": rng.standard_normal(shape).astype(np.float16),
-            "latent_std.npy": (0.1 + rng.random(shape)).astype(np.float16),
+            "latent_std.npy": (std[0] + std[1] * rng.random(shape)).astype(np.float16),
             "txt": js["caption"],
-            "text_tokens.npy": rng.standard_normal((77, TEXT_DIM)).astype(np.float16),
-            "text_pooled.npy": rng.standard_normal(TEXT_DIM).astype(np.float16),
+            "text_tokens.npy": rng.standard_normal((77, text_dim)).astype(np.float16),
+            "text_pooled.npy": rng.standard_normal(text_dim).astype(np.float16),
             "json": js,
         }
         if image_tokens:

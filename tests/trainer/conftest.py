@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 import yaml
 
-from shards.format import ShardWriter, parse_resolution, shard_stem
+from shards.format import parse_resolution
+from tests.shards.conftest import write_shard
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -26,52 +27,27 @@ FRAMES = 4
 
 def write_shards(out_dir, source, *, kind, stage, num_shards=2, per_shard=6, seed=0):
     """Finished shards of random samples in the real format (latent + std, tokens, json, index parquet)."""
-    os.makedirs(out_dir, exist_ok=True)
     width, height = parse_resolution(stage)
-    shape = [4, FRAMES if kind == "video" else 1, height // DOWN, width // DOWN]
     for shard in range(num_shards):
-        rng = np.random.default_rng([seed, shard, len(source), width])
-        writer = ShardWriter(str(out_dir), shard_stem(source, stage, shard))
-        for i in range(per_shard):
-            key = f"{source}_{stage.replace('x', '_')}_{shard:03d}_{i:04d}"
-            js = dict(
-                key=key,
-                source=source,
-                origin_key=key,
-                kind=kind,
-                caption=f"caption {key}",
-                sample_fps=8.0,
-                width=width,
-                height=height,
-                stage=stage,
-                scale_factor=0.18215,
-                vae_id="tiny-vae",
-                text_encoder_id="tiny-text",
-            )
-            members = {
-                "latent.npy": rng.standard_normal(shape).astype(np.float16),
-                "latent_std.npy": (0.05 + 0.1 * rng.random(shape)).astype(np.float16),
-                "txt": js["caption"],
-                "text_tokens.npy": rng.standard_normal((77, TEXT_DIM)).astype(np.float16),
-                "text_pooled.npy": rng.standard_normal(TEXT_DIM).astype(np.float16),
-                "json": js,
-            }
-            row = dict(
-                source=source,
-                origin_key=key,
-                kind=kind,
-                stage=stage,
-                width=width,
-                height=height,
-                latent_shape=shape,
-                num_frames=shape[1],
-                sample_fps=8.0,
-                scale_factor=0.18215,
-                vae_id="tiny-vae",
-                text_encoder_id="tiny-text",
-            )
-            writer.write(key, members, row)
-        writer.close()
+        write_shard(
+            out_dir,
+            source,
+            shard,
+            per_shard,
+            kind=kind,
+            stage=stage,
+            frames=FRAMES,
+            image_tokens=False,
+            latent_hw=(height // DOWN, width // DOWN),
+            text_dim=TEXT_DIM,
+            std=(0.05, 0.1),
+            key_prefix=f"{source}_{stage.replace('x', '_')}",
+            rng=np.random.default_rng([seed, shard, len(source), width]),
+            sample_fps=8.0,
+            scale_factor=0.18215,
+            vae_id="tiny-vae",
+            text_encoder_id="tiny-text",
+        )
 
 
 @pytest.fixture(scope="session")
