@@ -154,9 +154,6 @@ def main(argv=None) -> int:
         f"  data-wait fraction under DeepSpeed: {100 * best['deepspeed']['data_wait_frac']:.1f}% (target < 5%)"
     )
     tmp.cleanup()
-    from trainer.main import release_shm_buffers
-
-    release_shm_buffers()  # DeepSpeed's CPU allreduce buffer in /dev/shm outlives the process otherwise
     return 0
 
 

@@ -13,8 +13,6 @@ if os.path.dirname(_HERE) not in sys.path:
     sys.path.insert(0, os.path.dirname(_HERE))
 
 import argparse  # noqa: E402
-import contextlib  # noqa: E402
-import glob  # noqa: E402
 import json  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -187,28 +185,12 @@ def train(config, *, resume: bool) -> dict:
     return {"global_step": state.global_step, "exports": exports}
 
 
-def release_shm_buffers() -> None:
-    """Unlink this rank's DeepSpeed CPU allreduce buffer (/dev/shm, ~66 MB), which DeepSpeed leaves behind.
-
-    Every rank mapped the others' buffers when the process group started, so unlinking at exit is safe.
-    """
-    port, rank = os.environ.get("MASTER_PORT"), os.environ.get("RANK")
-    if port is None or rank is None:
-        return
-    for path in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_{rank}"):
-        with contextlib.suppress(OSError):
-            os.unlink(path)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     from trainer.config import load_config
 
     config = load_config(args.config, args.overrides)
-    try:
-        summary = train(config, resume=args.resume)
-    finally:
-        release_shm_buffers()
+    summary = train(config, resume=args.resume)
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps({"done": True, **summary}), flush=True)
     return 0
