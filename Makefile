@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	OMP_NUM_THREADS=1 $(BIN)/python -m pipelines.demo --out $(DEMO_OUT)
+	OMP_NUM_THREADS=1 $(BIN)/python -m pipelines.tools.demo --out $(DEMO_OUT)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import decord
 
-from pipelines.decode import DecodeStage
-from pipelines.decode_worker import cover_size, plan_clip
-from pipelines.rows import new_row, table_of
-from pipelines.sample_media import rng_for, write_video
+from pipelines.stages.decode import DecodeStage
+from pipelines.stages.decode_worker import cover_size, plan_clip
+from pipelines.stages.rows import new_row, table_of
+from pipelines.tools.sample_media import rng_for, write_video
 
 
 def cpu_seconds(pid: int) -> float:

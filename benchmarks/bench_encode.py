@@ -16,9 +16,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from pipelines.encode import EncodeStage  # noqa: E402
-from pipelines.models import ModelsConfig, write_tiny_models  # noqa: E402
-from pipelines.tiny_models import SD21_VAE_CONFIG as SD21_VAE  # noqa: E402
+from encoders.models import ModelsConfig, write_tiny_models  # noqa: E402
+from encoders.tiny import SD21_VAE_CONFIG as SD21_VAE  # noqa: E402
+from pipelines.stages.encode import EncodeStage  # noqa: E402
 
 
 def make_batches(args) -> list[dict]:

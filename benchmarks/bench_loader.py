@@ -33,7 +33,7 @@ def make_vae(kind: str):
     """diffusers.AutoencoderKL, random init: the tiny test config or the SD 2.1 size."""
     from diffusers import AutoencoderKL
 
-    from pipelines.tiny_models import SD21_VAE_CONFIG, TINY_VAE_CONFIG
+    from encoders.tiny import SD21_VAE_CONFIG, TINY_VAE_CONFIG
 
     cfg = TINY_VAE_CONFIG if kind == "tiny" else SD21_VAE_CONFIG
     torch.manual_seed(0)
@@ -41,11 +41,11 @@ def make_vae(kind: str):
 
 
 def write_mp4s(out_dir: str, n: int, frames: int, size=(320, 256), fps: int = 24) -> list[str]:
-    """n real mp4s of >= `frames` frames: pipelines.sample_data's WebVid-like clips, else H.264 written here."""
+    """n real mp4s of >= `frames` frames: pipelines.tools.sample_data's WebVid-like clips, else H.264 written here."""
     try:
         from decord import VideoReader
 
-        from pipelines.sample_data import generate
+        from pipelines.tools.sample_data import generate
 
         generate(os.path.join(out_dir, "sample_data"), seed=0)
         usable = []

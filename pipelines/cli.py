@@ -7,13 +7,17 @@ import sys
 
 # subcommand -> (module with main(argv) -> int, one-line help)
 COMMANDS = {
-    "sample-data": ("pipelines.sample_data", "write the three datasets, miniature, in their real formats"),
-    "serve-sample": ("pipelines.serve", "serve a sample-data folder over HTTP on 127.0.0.1"),
+    "sample-data": (
+        "pipelines.tools.sample_data",
+        "write the three datasets, miniature, in their real formats",
+    ),
+    "serve-sample": ("pipelines.tools.serve", "serve a sample-data folder over HTTP on 127.0.0.1"),
     "tiny-models": (
-        "pipelines.models",
+        "encoders.models",
         "write tiny random models laid out like SD 2.1 + CLIP ViT-H-14 folders",
     ),
     "encode": ("pipelines.encode_latents", "run the Ray encode job (sources -> latent shards)"),
+    "dedup": ("pipelines.dedup", "remove near-duplicates from encoded shards (faiss clustering on Ray)"),
     "stats": ("shards.stats", "dataset statistics from shard indexes (--deep opens every tar)"),
     "train": ("trainer.main", "train (use `deepspeed trainer/main.py` for several ranks)"),
 }

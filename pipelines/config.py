@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import yaml
 
-from pipelines.models import ModelsConfig
+from encoders.models import ModelsConfig
 from schemas import SOURCES
 
 _RES_RE = re.compile(r"^\d+x\d+$")
@@ -139,9 +139,9 @@ class FilterConfig:
 
 @dataclass(kw_only=True)
 class DedupConfig:
-    """Near-duplicate removal with a faiss kNN index over the pooled CLIP image embeddings."""
+    """Near-duplicate removal over the stored pooled CLIP embeddings (`latentcrafter dedup`, run after the job)."""
 
-    enabled: bool = False  # drop near-duplicates (error rows "duplicate_of:<key>")
+    enabled: bool = False  # run the dedup step at the end of the job (out_dir/dedup/{source}-{stage}.parquet)
     threshold: float = 0.95  # cosine similarity above which a later sample duplicates an earlier one
     embedding: str = "image"  # image (image_pooled) | text (text_pooled)
 
@@ -154,7 +154,12 @@ class DedupConfig:
 
 @dataclass(kw_only=True)
 class RayConfig:
-    """Where the job runs and how much parallelism each stage gets."""
+    """Where the job runs and how much of the cluster each part gets.
+
+    The job runs one Ray task per input shard, end to end on a worker (read its manifest span, fetch,
+    decode, filter, write the output shard), calling a pool of encoder actors (a GPU each when there are
+    GPUs) for the frozen encoders; the driver only plans, schedules and collects per-shard summaries.
+    """
 
     address: str = (
         "auto"  # auto: join a running cluster if any, else embedded | local: always embedded | ADDR
@@ -162,30 +167,32 @@ class RayConfig:
     num_cpus: int | None = None  # embedded Ray only (None: all cores)
     object_store_memory_mb: int | None = None  # embedded Ray only (None: Ray's default)
     dashboard: bool = False  # embedded Ray: start the dashboard (bound to 127.0.0.1)
-    fetch_workers: int = 1  # fetch actors (each runs fetch.threads downloads)
-    decode_workers: int = 1  # decode actors (each owns one guarded decoder process)
-    encode_actors: int = 1  # encoder actors (one GPU each when GPUs exist)
-    encode_batch_size: int = 8  # items per encoder call
+    shard_tasks: int | None = None  # shard tasks running at once; None: the CPUs the encoders leave free
+    cpus_per_shard_task: float = 1.0  # a shard task's decoder process is CPU-bound
+    task_retries: int = 3  # a shard task whose worker dies is rerun from scratch this many times
+    encode_actors: int | None = None  # encoder actors; None: one per GPU (GPU cluster), else 1
+    encode_batch_size: int = 8  # rows per encoder call
     gpus_per_actor: float | None = None  # None: 1 when the cluster has GPUs, else 0 (CPU)
     cpus_per_encode_actor: float = 1.0
-    cpus_per_decode_worker: float = 1.0  # the decoder subprocess does the work; its actor reserves this
-    cpus_per_fetch_worker: float = 0.25  # fetching waits on I/O
-    cpus_per_read_task: float = 0.25
-    decode_batch_size: int = 2  # items per decode call (small: clips are large)
-    rows_per_read_unit: int = 16  # input rows per Ray Data item/block (the stream's granularity)
+    rows_per_unit: int = (
+        16  # rows a shard task fetches and decodes together (the next unit is fetched meanwhile)
+    )
+    plan_tasks: int = 8  # manifest files planned at once (one Ray task per file)
+    worker_logs: bool = False  # forward the workers' stdout/stderr to the driver's terminal
     progress: bool = True  # progress bar on the driver
 
     def __post_init__(self):
-        for name in (
-            "fetch_workers",
-            "decode_workers",
-            "encode_actors",
-            "encode_batch_size",
-            "decode_batch_size",
-            "rows_per_read_unit",
-        ):
+        for name in ("encode_batch_size", "rows_per_unit", "plan_tasks"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"ray.{name}={getattr(self, name)}: must be >= 1")
+        for name in ("shard_tasks", "encode_actors"):
+            value = getattr(self, name)
+            if value is not None and int(value) < 1:
+                raise ValueError(f"ray.{name}={value}: must be >= 1 or null (automatic)")
+        if self.task_retries < 0 or self.cpus_per_shard_task <= 0 or self.cpus_per_encode_actor < 0:
+            raise ValueError(
+                "ray.task_retries must be >= 0, ray.cpus_per_shard_task > 0, cpus_per_encode_actor >= 0"
+            )
         if self.object_store_memory_mb is not None and self.object_store_memory_mb < 75:
             raise ValueError(f"ray.object_store_memory_mb={self.object_store_memory_mb}: Ray needs >= 75")
 

@@ -14,8 +14,8 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 @pytest.fixture(scope="session")
 def sample_data(tmp_path_factory):
-    """The three datasets in miniature (pipelines.sample_data defaults), generated once per session."""
-    from pipelines.sample_data import generate
+    """The three datasets in miniature (pipelines.tools.sample_data defaults), generated once per session."""
+    from pipelines.tools.sample_data import generate
 
     out = tmp_path_factory.mktemp("sample_data")
     generate(str(out), seed=0)
@@ -25,7 +25,7 @@ def sample_data(tmp_path_factory):
 @pytest.fixture(scope="session")
 def sample_server(sample_data):
     """sample_data served over HTTP on 127.0.0.1; yields the base URL (no trailing slash)."""
-    from pipelines.serve import serve_in_thread
+    from pipelines.tools.serve import serve_in_thread
 
     server = serve_in_thread(str(sample_data))
     yield server.url
@@ -35,7 +35,7 @@ def sample_server(sample_data):
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory, sample_data):
     """Tiny random models laid out like SD 2.1 (vae/ text_encoder/ tokenizer/ unet/) + image_encoder/."""
-    from pipelines.models import write_tiny_models
+    from encoders.models import write_tiny_models
 
     out = tmp_path_factory.mktemp("tiny_models")
     write_tiny_models(str(out), seed=0)
@@ -48,7 +48,7 @@ def encoded_shards(tmp_path_factory, sample_data, sample_server, tiny_models):
     sources at 256x256, 8-frame clips, 5 rows per shard. Has `.out_dir` (shards), `.summary`, `.config`."""
     from types import SimpleNamespace
 
-    from tests.pipelines.job_helpers import job_config, run_job, write_config
+    from tests.pipelines.job.helpers import job_config, run_job, write_config
 
     root = tmp_path_factory.mktemp("encoded_shards")
     config = job_config(sample_data, tiny_models, root / "shards", sample_server)

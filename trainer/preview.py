@@ -18,7 +18,7 @@ class TextConditions:
     """
 
     def __init__(self, config: TrainConfig, *, keep_vae: bool):
-        from pipelines.models import FrozenEncoders, ModelsConfig
+        from encoders.models import FrozenEncoders, ModelsConfig
 
         enc = FrozenEncoders(ModelsConfig(model_dir=config.model.model_dir, image_tokens=False, device="cpu"))
         self.ids = enc.ids

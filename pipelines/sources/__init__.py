@@ -5,6 +5,7 @@ from __future__ import annotations
 from pipelines.sources.base import SourceReader, input_shards, slice_rows
 from pipelines.sources.jdb import JourneyDBReader
 from pipelines.sources.laion_coco import LaionCocoReader, laion_key
+from pipelines.sources.plan import ManifestPlan, ShardSpan, plan_manifest, plan_reader
 from pipelines.sources.webvid import WebVidReader, parse_iso_duration
 
 READERS: dict[str, type[SourceReader]] = {
@@ -30,6 +31,8 @@ __all__ = [
     "READERS",
     "JourneyDBReader",
     "LaionCocoReader",
+    "ManifestPlan",
+    "ShardSpan",
     "SourceReader",
     "WebVidReader",
     "input_shards",
@@ -37,5 +40,7 @@ __all__ = [
     "laion_key",
     "make_reader",
     "parse_iso_duration",
+    "plan_manifest",
+    "plan_reader",
     "slice_rows",
 ]

@@ -5,13 +5,17 @@ from __future__ import annotations
 import json
 import os
 import posixpath
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from itertools import islice
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import fsspec
 
 from schemas import FieldProblem, empty_record, error_row
+
+if TYPE_CHECKING:
+    from pipelines.sources.plan import Scan, ShardSpan
 
 
 class RowError(Exception):
@@ -87,8 +91,11 @@ class SourceReader:
     """Base of the dataset readers: a generator of unified records from one manifest (local or fsspec URL).
 
     Subclasses set `name`, `kind`, implement `_check()` (open the manifest, raise schemas.WrongFileError),
-    `num_rows`, `_rows(rows)` (yield a Row per manifest row in `rows`) and list their row stages in
-    `stages`. `read()` composes: rows -> stages... -> unique keys -> records / error rows.
+    `num_rows`, `_rows(rows, offset, offset_row)` (yield a Row per manifest row in `rows`; with `offset`,
+    start reading at that byte offset, which is where row `offset_row` begins), `_scan(rows_per_shard,
+    max_rows)` (the lean planning pass, see pipelines.sources.plan.Scan) and list their row stages in
+    `stages`.
+    `read()` composes: rows -> stages... -> unique keys -> records / error rows.
     """
 
     name: ClassVar[str]
@@ -119,7 +126,10 @@ class SourceReader:
     def num_rows(self) -> int:
         raise NotImplementedError
 
-    def _rows(self, rows: range) -> Iterator[Row]:
+    def _rows(self, rows: range, offset: int | None = None, offset_row: int = 0) -> Iterator[Row]:
+        raise NotImplementedError
+
+    def _scan(self, rows_per_shard: int, max_rows: int | None) -> Scan:
         raise NotImplementedError
 
     # --- shared helpers ----------------------------------------------------------------------
@@ -156,6 +166,22 @@ class SourceReader:
             **values,
         )
 
+    def take(self, raws: Iterable[Any], rows: range, offset: int | None, first: int) -> Iterator[Row]:
+        """Rows `rows` out of `raws`, the manifest's raw rows numbered from `first`.
+
+        Reading from a byte offset, a file that ends early means it changed since it was planned.
+        """
+        count = 0
+        for index, raw in enumerate(islice(raws, rows.start - first, rows.stop - first), rows.start):
+            count += 1
+            yield Row(index, raw)
+        if offset is not None and count < len(rows):
+            raise ValueError(
+                f"{self.manifest}: rows {rows.start}..{rows.stop - 1} read from byte offset {offset} "
+                f"(row {first}) ended after {count} rows: the file changed since it was planned; "
+                "plan it again (pipelines.sources.plan_manifest)"
+            )
+
     def rewrite_url(self, url: str) -> str:
         for prefix, replacement in self.url_rewrite.items():
             if url.startswith(prefix):
@@ -168,7 +194,14 @@ class SourceReader:
         return json.dumps(values, ensure_ascii=False, sort_keys=True) if values else None
 
     # --- the pipeline ------------------------------------------------------------------------
-    def _range(self, rows: range | None) -> range:
+    def _range(self, rows: range | None, offset: int | None = None, offset_row: int = 0) -> range:
+        if offset is not None:  # a planned read: no row count needed (that would be a pass over the file)
+            if rows is None or rows.step != 1 or not 0 <= offset_row <= rows.start <= rows.stop:
+                raise ValueError(
+                    f"{self.manifest}: rows {rows} with offset {offset} of row {offset_row}: "
+                    "give a contiguous range that starts at or after offset_row"
+                )
+            return rows
         n = self.num_rows
         if rows is None:
             return range(n)
@@ -176,8 +209,13 @@ class SourceReader:
             raise ValueError(f"{self.manifest}: rows {rows} is not a contiguous range within [0, {n}]")
         return rows
 
-    def _staged(self, rows: range) -> Iterator[Row]:
-        items: Iterable[Row] = self._rows(rows)
+    def _staged(
+        self, rows: range, offset: int | None = None, offset_row: int = 0, only: set[int] | None = None
+    ) -> Iterator[Row]:
+        """Rows `rows` through every stage (`only`: just those rows, the others are parsed to skip them)."""
+        items: Iterable[Row] = self._rows(rows, offset, offset_row) if rows else iter(())
+        if only is not None:
+            items = (row for row in items if row.index in only)
         for name in self.stages:
             items = getattr(self, name)(items)
         return iter(items)
@@ -202,30 +240,68 @@ class SourceReader:
     def duplicate_rows(self) -> dict[int, int]:
         """{row: first row with the same key} over the whole manifest; computed once per reader.
 
-        A slice that starts past row 0 consults it, so every slicing flags the same rows as a whole read
-        (one scan of the manifest per reader object, not per slice).
+        A slice that starts past row 0 and is given no `duplicates` consults it, so every slicing flags the
+        same rows as a whole read. It is the duplicate map of a plan (pipelines.sources.plan): with a plan,
+        give each read its `duplicates_in(span)` instead, and no reader computes this.
         """
         if self._duplicates is None:
-            found: dict[int, int] = {}
-            for _ in self._unique(self._staged(range(self.num_rows)), found):
-                pass
-            self._duplicates = found
+            from pipelines.sources.plan import plan_reader
+
+            plan = plan_reader(self, 1 << 12)
+            self._duplicates = plan.duplicates
+            self._known_rows(plan.num_rows)
         return self._duplicates
 
-    def _mark_duplicates(self, items: Iterable[Row]) -> Iterator[Row]:
-        duplicates = self.duplicate_rows()
+    def _known_rows(self, num_rows: int) -> None:
+        """Remember the row count a whole-file plan found (readers that count by a pass override this)."""
+
+    def _mark_duplicates(self, items: Iterable[Row], duplicates: Mapping[int, int]) -> Iterator[Row]:
         for row in items:
             if row.error is None and row.index in duplicates:
                 self._duplicate(row, duplicates[row.index])
             yield row
 
-    def read(self, rows: range | None = None) -> Iterator[dict]:
-        """Yield, in row order, one SOURCE_RECORD or ERROR_SCHEMA dict per manifest row in `rows`."""
-        rows = self._range(rows)
-        items = self._staged(rows)
-        items = self._unique(items) if rows.start == 0 else self._mark_duplicates(items)
+    def read(
+        self,
+        rows: range | None = None,
+        *,
+        offset: int | None = None,
+        offset_row: int | None = None,
+        duplicates: Mapping[int, int] | None = None,
+    ) -> Iterator[dict]:
+        """Yield, in row order, one SOURCE_RECORD or ERROR_SCHEMA dict per manifest row in `rows`.
+
+        offset: the byte offset where row `offset_row` (default rows.start) begins, from a plan's ShardSpan
+          (span.offset, span.start): the reader seeks there instead of reading from the top, and parses
+          rows offset_row..rows.start-1 only to skip them. None (parquet spans, or no plan): rows are
+          reached the reader's own way.
+        duplicates: {row: first row with the same key} for at least the rows read (a plan's
+          `duplicates_in(span)`; string keys, as after a JSON round trip, are accepted). Without it, a read
+          from row 0 finds repeats itself and any other read uses `duplicate_rows()`.
+        """
+        if offset is None:
+            offset_row = 0  # rows are counted from the top
+        elif offset_row is None:
+            offset_row = rows.start if rows is not None else 0
+        rows = self._range(rows, offset, offset_row)
+        items = self._staged(rows, offset, offset_row)
+        if duplicates is not None:
+            items = self._mark_duplicates(items, {int(k): int(v) for k, v in duplicates.items()})
+        elif rows.start == 0:
+            items = self._unique(items)
+        else:
+            items = self._mark_duplicates(items, self.duplicate_rows())
         for row in items:
             yield row.error if row.error is not None else row.record
+
+    def read_span(
+        self, span: ShardSpan, rows: range | None = None, *, duplicates: Mapping[int, int] | None = None
+    ) -> Iterator[dict]:
+        """`read()` of planned input shard `span` (or of `rows`, a part of it, such as a read unit)."""
+        rows = span.rows if rows is None else rows
+        if not span.start <= rows.start <= rows.stop <= span.stop:
+            raise ValueError(f"{self.manifest}: rows {rows} are not within the span {span.rows}")
+        return self.read(rows, offset=span.offset, offset_row=span.start, duplicates=duplicates)
 
     def read_slice(self, i: int, n: int) -> Iterator[dict]:
         """`read()` of slice `i` of `n` (see slice_rows)."""

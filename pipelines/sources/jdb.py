@@ -7,10 +7,14 @@ import os
 import posixpath
 import re
 from collections.abc import Iterator
+from itertools import islice
 
 import fsspec
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from pipelines.sources.base import Row, RowError, SourceReader, is_url, manifest_dir, row_stage
+from pipelines.sources.plan import LeanKeys, Scan
 from schemas import JDB_REQUIRED, WrongFileError, check_required_columns
 
 # The real dataset ships each image folder as imgs/NNN.tgz; fsspec infers compression from the
@@ -20,6 +24,23 @@ fsspec.utils.compressions.setdefault("tgz", "gzip")
 
 _UUID = re.compile(r"[A-Za-z0-9_-]{1,190}")
 _SNIFF_LINES = 100  # lines read to decide whether a file is JourneyDB JSONL at all
+_BATCH = 8192  # lines per batch of the planning pass
+_LEAN_UUID = r"(?P<uuid>[A-Za-z0-9_-]+)[^/]*$"
+
+
+def _lean_uuid(paths: pa.Array) -> pa.Array:
+    """img_path values -> the leading [A-Za-z0-9_-] run of their last "/" part (null: none)."""
+    return pc.extract_regex(paths, _LEAN_UUID).flatten()[0]
+
+
+def _img_path(line: bytes) -> str | None:
+    """img_path of a JSON-object line, if it is a string (else the row surely fails: None)."""
+    try:
+        value = json.loads(line.decode("utf-8"))  # as `parse` decodes (json.loads(bytes) would sniff)
+    except (ValueError, RecursionError):
+        return None
+    path = value.get("img_path") if type(value) is dict else None
+    return path if type(path) is str else None
 
 
 class JourneyDBReader(SourceReader):
@@ -34,8 +55,11 @@ class JourneyDBReader(SourceReader):
     kind = "image"
     stages = ("parse", "validate", "to_record")
 
-    def _lines(self) -> Iterator[bytes]:
+    def _lines(self, offset: int | None = None) -> Iterator[bytes]:
+        """The manifest's lines (a row each, blank ones too) from byte `offset` (a planned row's start)."""
         with self.open("rb") as f:
+            if offset is not None:
+                f.seek(offset)
             for line in f:
                 yield line.rstrip(b"\r\n")
 
@@ -71,14 +95,32 @@ class JourneyDBReader(SourceReader):
             self._num_rows = sum(1 for _ in self._lines())
         return self._num_rows
 
-    def _rows(self, rows: range) -> Iterator[Row]:
-        if not rows:
-            return
-        for index, line in enumerate(self._lines()):
-            if index >= rows.stop:
-                break
-            if index >= rows.start:
-                yield Row(index, line)
+    def _known_rows(self, num_rows: int) -> None:
+        self._num_rows = num_rows
+
+    def _rows(self, rows: range, offset: int | None = None, offset_row: int = 0) -> Iterator[Row]:
+        yield from self.take(self._lines(offset), rows, offset, offset_row)
+
+    def _scan(self, rows_per_shard: int, max_rows: int | None) -> Scan:
+        """One pass of json.loads over the lines: shard offsets and each row's lean value (see Scan).
+
+        A good row's key is `jdb_<uuid>`, uuid = the leading [A-Za-z0-9_-] run of img_path's last "/" part
+        (whitespace and the extension are not in that class), so that run is the lean value.
+        """
+        limit = max_rows if max_rows is not None else -1
+        lean, offsets, count, pos = LeanKeys(_lean_uuid), [], 0, 0
+        with self.open("rb") as f:
+            while count != limit:
+                want = min(rows_per_shard - count % rows_per_shard, _BATCH)
+                got = list(islice(f, want if limit < 0 else min(want, limit - count)))
+                if not got:
+                    break
+                if count % rows_per_shard == 0:
+                    offsets.append(pos)
+                pos += sum(map(len, got))
+                lean.extend(map(_img_path, got))
+                count += len(got)
+        return Scan(count, offsets, lean.array())
 
     def _archive(self, folder: str) -> str | None:
         """The tar URL standing in for `media_root/folder/` when only `folder.tgz` is there (local roots)."""

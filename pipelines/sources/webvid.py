@@ -4,14 +4,66 @@ from __future__ import annotations
 
 import csv
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from functools import partial
+from itertools import chain, islice
+
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from pipelines.sources.base import Row, RowError, SourceReader, row_stage
+from pipelines.sources.plan import LeanKeys, Scan
 from schemas import WEBVID_CSV_SCHEMA, WEBVID_REQUIRED, WrongFileError, check_required_columns
 
 _NUMBER = r"(\d+(?:\.\d+)?)"
 _ISO_DURATION = re.compile(rf"P(?:{_NUMBER}D)?(?:T(?:{_NUMBER}H)?(?:{_NUMBER}M)?(?:{_NUMBER}S)?)?")
 _INT_COLUMNS = tuple(f.name for f in WEBVID_CSV_SCHEMA if str(f.type) == "int64")
+_BATCH = 8192  # rows per batch of the planning pass
+_decode = partial(bytes.decode, encoding="utf-8", errors="replace")
+# what str.strip() strips: every c with c.isspace() (tests check the list)
+_WHITESPACE = "\t\n\x0b\x0c\r\x1c\x1d\x1e\x1f \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008\u2009\u200a\u2028\u2029\u202f\u205f\u3000"
+
+
+def _csv_problem(exc: csv.Error) -> str:
+    return (
+        f"the csv module cannot parse this ({exc}). An unmatched double quote makes the rest of the file one "
+        "field, and a carriage return outside quotes must end its line (\\r\\n): fix the quoting or the "
+        "line endings there (lines end in \\n or \\r\\n), then plan the file again"
+    )
+
+
+def _lean_videoid(cells: pa.Array) -> pa.Array:
+    """videoid cells -> lean values: stripped, "-..." merged into "-", "" (surely bad) null."""
+    keys = pc.utf8_trim(cells, characters=_WHITESPACE)  # = str.strip()
+    keys = pc.if_else(pc.starts_with(keys, "-"), "-", keys)
+    return pc.if_else(pc.equal(keys, ""), None, keys)
+
+
+class _CountedLines:
+    """The lines of a binary file, split on b"\\n" and decoded as a read decodes them, with their byte offsets.
+
+    Lines go to csv.reader in batches, C-level (no Python per line). csv.reader pulls lines only while a
+    record is incomplete, so between records its line_num is the next record's first line: `offset()`.
+    """
+
+    def __init__(self, f: Iterable[bytes]):
+        self.f, self.lines, self.pos = f, 0, 0  # lines and bytes handed out so far
+        self.last: tuple[int, int, list[bytes]] = (0, 0, [])  # the latest batch: first line, its offset
+
+    def _batch(self, batch: list[bytes]) -> Iterator[str]:
+        self.last = (self.lines, self.pos, batch)
+        self.lines += len(batch)
+        self.pos += sum(map(len, batch))
+        return map(_decode, batch)
+
+    def __iter__(self) -> Iterator[str]:
+        batches = iter(lambda: list(islice(self.f, 512)), [])
+        return chain.from_iterable(map(self._batch, batches))
+
+    def offset(self, line: int) -> int:
+        """Byte offset of line `line` (0-based): a line of the latest batch or the first line after it."""
+        first, pos, batch = self.last
+        return self.pos if line >= self.lines else pos + sum(map(len, batch[: line - first]))
 
 
 def parse_iso_duration(text: str) -> float:
@@ -34,20 +86,28 @@ class WebVidReader(SourceReader):
     kind = "video"
     stages = ("parse", "validate", "to_record")
 
-    def _csv_rows(self) -> Iterator[list[str]]:
-        """Every CSV row after the header (quoted newlines and commas handled by the csv module)."""
-        with self.open("rt", encoding="utf-8", errors="replace", newline="") as f:
-            reader = csv.reader(f)
-            next(reader, None)
+    def _records(self, offset: int | None = None) -> Iterator[list[str]]:
+        """CSV records from byte `offset` (where a planned row begins), else every record after the header.
+
+        Lines are split on b"\\n" in binary (as the plan splits them) and decoded one by one, so a planned
+        read parses exactly the bytes a whole read parses (quoted newlines and commas: the csv module).
+        """
+        with self.open("rb") as f:
+            if offset is not None:
+                f.seek(offset)
+            reader = csv.reader(map(_decode, f))
             try:
+                if offset is None:
+                    next(reader, None)  # the header
                 yield from reader
             except csv.Error as exc:
-                raise ValueError(f"{self.manifest}: CSV error near line {reader.line_num}: {exc}") from exc
+                where = f"line {reader.line_num}" + ("" if offset is None else f" after byte {offset}")
+                raise ValueError(f"{self.manifest}, {where}: {_csv_problem(exc)}") from exc
 
     def _check(self) -> None:
         try:
-            with self.open("rt", encoding="utf-8", errors="replace", newline="") as f:
-                header = next(csv.reader(f), None)
+            with self.open("rb") as f:
+                header = next(csv.reader(map(_decode, f)), None)
         except csv.Error as exc:
             raise WrongFileError(
                 self.manifest, self.name, WEBVID_REQUIRED, reason=f"not a CSV ({exc})"
@@ -63,17 +123,43 @@ class WebVidReader(SourceReader):
     @property
     def num_rows(self) -> int:
         if self._num_rows is None:
-            self._num_rows = sum(1 for _ in self._csv_rows())
+            self._num_rows = sum(1 for _ in self._records())
         return self._num_rows
 
-    def _rows(self, rows: range) -> Iterator[Row]:
-        if not rows:
-            return
-        for index, cells in enumerate(self._csv_rows()):
-            if index >= rows.stop:
-                break
-            if index >= rows.start:
-                yield Row(index, cells)
+    def _known_rows(self, num_rows: int) -> None:
+        self._num_rows = num_rows
+
+    def _rows(self, rows: range, offset: int | None = None, offset_row: int = 0) -> Iterator[Row]:
+        yield from self.take(self._records(offset), rows, offset, offset_row)
+
+    def _scan(self, rows_per_shard: int, max_rows: int | None) -> Scan:
+        """One pass of the bare csv module: shard offsets and each row's stripped videoid (see Scan).
+
+        A good row's key is `webvid_<videoid>` (videoid all digits) or None (videoid "-<digits>"), so the
+        stripped videoid is a lean value, with every value that starts with "-" merged into one.
+        """
+        width, column = len(self.header), {h: i for i, h in enumerate(self.header)}["videoid"]
+        limit = max_rows if max_rows is not None else -1
+        lean, offsets, count = LeanKeys(_lean_videoid), [], 0
+        with self.open("rb") as f:
+            lines = _CountedLines(f)
+            reader = csv.reader(lines)
+            try:
+                next(reader, None)  # the header
+                while count != limit:
+                    start = lines.offset(reader.line_num)  # where the next record begins
+                    want = min(rows_per_shard - count % rows_per_shard, _BATCH)
+                    records = islice(reader, want if limit < 0 else min(want, limit - count))
+                    got = [c[column] if len(c) == width else None for c in records]  # no rows kept
+                    if not got:
+                        break
+                    if count % rows_per_shard == 0:
+                        offsets.append(start)
+                    lean.extend(got)
+                    count += len(got)
+            except csv.Error as exc:
+                raise ValueError(f"{self.manifest}, line {reader.line_num}: {_csv_problem(exc)}") from exc
+        return Scan(count, offsets, lean.array())
 
     @row_stage
     def parse(self, row: Row) -> None:

@@ -7,7 +7,7 @@ import pytest
 import torch
 from diffusers import AutoencoderKL
 
-from pipelines.tiny_models import TINY_VAE_CONFIG
+from encoders.tiny import TINY_VAE_CONFIG
 from trainer.diffusion import DDIMSampler, Diffusion, decode_to_frames, write_gif, write_mp4
 from trainer.model import build_unet
 

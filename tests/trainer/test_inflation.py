@@ -95,6 +95,9 @@ def test_tiny_2d_config_is_sd21_like(unet2d_dir):
     assert cfg["use_linear_projection"] is True
     assert cfg["cross_attention_dim"] == 32 and cfg["in_channels"] == 4
     assert tiny_unet2d_config(32)["block_out_channels"] == (32, 64, 64)
+    from encoders.tiny import tiny_unet2d_config as folder_config  # what `tiny-models` writes as unet/
+
+    assert tiny_unet2d_config(32) == folder_config(32)
 
 
 def test_vc512_matches_sd21_state_dict_on_meta():

@@ -6,6 +6,7 @@ import os
 
 import torch
 
+from encoders.tiny import write_tiny_unet2d  # noqa: F401  (re-exported: the tiny SD folder's unet/)
 from trainer.model.config import UNET_CONFIGS, UNetConfig, get_config
 
 
@@ -44,17 +45,6 @@ def unet2d_config_for(config: UNetConfig | str) -> dict:
 def tiny_unet2d_config(context_dim: int) -> dict:
     """A tiny SD 2.1-like UNet2DConditionModel config matching the `tiny` 3D config's spatial layers."""
     return unet2d_config_for(UNET_CONFIGS["tiny"].with_(context_dim=context_dim))
-
-
-def write_tiny_unet2d(path: str, *, context_dim: int, seed: int = 0) -> None:
-    """Random-init a tiny UNet2DConditionModel (seeded) and save_pretrained it to `path`."""
-    from diffusers import UNet2DConditionModel
-
-    with torch.random.fork_rng(devices=[]):  # seeded without disturbing the caller's global RNG
-        torch.manual_seed(seed)
-        model = UNet2DConditionModel(**tiny_unet2d_config(context_dim))
-    os.makedirs(path, exist_ok=True)
-    model.save_pretrained(path)
 
 
 _CHECKED_KEYS = (

@@ -1,0 +1,1 @@
+"""The encode job: planning, the Ray task graph, per-shard tasks and the summary."""
