@@ -251,7 +251,7 @@ def test_error_examples_are_distinct_keys():
 
 def test_stats_match_the_encode_job(encoded_shards, sample_data, tmp_path):
     """On the real shards of the encode job: counts and reasons equal the job's summary, deep check clean."""
-    from tests.pipelines.job_helpers import expected_outcome
+    from tests.pipelines.job.helpers import expected_outcome
 
     total = encoded_shards.summary["total"]
     rc, rep = _run_json(tmp_path, encoded_shards.out_dir, "--deep")
