@@ -17,7 +17,10 @@ COMMANDS = {
         "write tiny random models laid out like SD 2.1 + CLIP ViT-H-14 folders",
     ),
     "encode": ("pipelines.encode_latents", "run the Ray encode job (sources -> latent shards)"),
-    "dedup": ("pipelines.dedup", "remove near-duplicates from encoded shards (faiss clustering on Ray)"),
+    "dedup": (
+        "pipelines.dedup.cli",
+        "mark near-duplicate samples of encoded shards (faiss k-means + exact search on Ray)",
+    ),
     "stats": ("shards.stats", "dataset statistics from shard indexes (--deep opens every tar)"),
     "train": ("trainer.main", "train (use `deepspeed trainer/main.py` for several ranks)"),
 }

@@ -77,6 +77,10 @@ class LoaderConfig:
     on_bad_sample: str = "skip"
     # Cap on bad-sample log lines per minute (per process); the count in `stats` is always exact.
     max_bad_samples_logged_per_minute: int = 10
+    # Skip the samples the dedup step removed (keys in <folder of the tars>/dedup/{source}-{stage}.parquet,
+    # written by `latentcrafter dedup`). Adding or changing that file changes the sample counts, so a saved
+    # loader state from before it no longer loads (the configuration check names the sources).
+    skip_duplicates: bool = True
     # Extra keyword arguments for fsspec when opening URLs (e.g. {"anon": True}).
     storage_options: dict = field(default_factory=dict)
 

@@ -1,10 +1,11 @@
-"""The shard format: file naming, member encoding, safe member names, and the atomic ShardWriter."""
+"""The shard format: file naming, member encoding, safe member names, the atomic ShardWriter, dedup results."""
 
 from __future__ import annotations
 
 import io
 import json
 import os
+import posixpath
 import re
 import tarfile
 import uuid
@@ -24,6 +25,16 @@ TAR_SUFFIX = ".tar"
 INDEX_SUFFIX = ".index.parquet"
 ERRORS_SUFFIX = ".errors.parquet"
 SHARD_STEM_RE = re.compile(r"^(?P<source>[a-z0-9_]+)-(?P<stage>\d+x\d+)-(?P<shard>\d{6})$")
+DEDUP_DIR = "dedup"
+# The dedup step's result (`latentcrafter dedup`), one file per (source, stage) at
+# {folder of the tars}/dedup/{source}-{stage}.parquet; readers skip every `key` in it.
+DEDUP_SCHEMA = pa.schema(
+    [
+        pa.field("key", pa.string()),  # the removed sample
+        pa.field("duplicate_of", pa.string()),  # the earliest sample (global order) it is a near-duplicate of
+        pa.field("cosine", pa.float32()),  # cosine similarity of the two pooled CLIP embeddings
+    ]
+)
 _KEY_RE = re.compile(r"^[A-Za-z0-9_\-]+$")
 _MEMBER_RE = re.compile(r"^[A-Za-z0-9_\-]+\.[A-Za-z0-9_.\-]+$")
 KNOWN_MEMBERS = frozenset(f.name for f in SAMPLE_MEMBERS if f.name != "__key__")
@@ -105,6 +116,38 @@ def shard_is_done(out_dir: str, stem: str) -> bool:
     """A shard is complete when its index exists (the index is written last)."""
     fs, path = fsspec.core.url_to_fs(ShardPaths.of(out_dir, stem).index)
     return fs.exists(path)
+
+
+def dedup_path(out_dir: str, source: str, stage: str) -> str:
+    """The dedup result of one (source, stage): "{out_dir}/dedup/{source}-{stage}.parquet"."""
+    return f"{out_dir.rstrip('/')}/{DEDUP_DIR}/{source}-{stage}.parquet"
+
+
+def shard_folder(url: str) -> str:
+    """The folder of a shard file URL (tar, index or errors parquet); any other URL is taken as a folder."""
+    url = url.rstrip("/")
+    if url.endswith((TAR_SUFFIX, INDEX_SUFFIX, ERRORS_SUFFIX)):
+        return posixpath.dirname(url)
+    return url
+
+
+def dedup_result(where: str, source: str, stage: str, storage_options: dict | None = None) -> set[str] | None:
+    """Keys the dedup step removed from (source, stage), or None when it has no result file. `where` is
+    the shard folder or one of its shard files (the result lies in <folder>/dedup/)."""
+    fs, path = fsspec.core.url_to_fs(
+        dedup_path(shard_folder(where), source, stage), **(storage_options or {})
+    )
+    try:
+        with fs.open(path, "rb") as f:
+            table = pq.read_table(f, columns=["key"])
+    except FileNotFoundError:
+        return None
+    return set(table.column("key").to_pylist())
+
+
+def removed_keys(where: str, source: str, stage: str, storage_options: dict | None = None) -> set[str]:
+    """Keys the dedup step removed from (source, stage) (see dedup_result); an absent file gives set()."""
+    return dedup_result(where, source, stage, storage_options) or set()
 
 
 def _atomic_write(url: str, data: bytes) -> None:

@@ -2,7 +2,9 @@
 
 Pipeline per reader slot (rank r, worker w; slot = r * num_workers + w of world_size * num_workers):
 expand URLs (webdataset brace syntax, fsspec globs) -> parquet indexes (counts, offsets, encoder
-ids) -> per source: seeded shard order, the slot's shards (or every n-th sample when a source has
+ids; the keys in <folder>/dedup/{source}-{stage}.parquet, written by `latentcrafter dedup`, are dropped
+from the index rows, so they are never read and positions/resume count only the remaining samples) ->
+per source: seeded shard order, the slot's shards (or every n-th sample when a source has
 fewer shards than slots), buffer shuffle, index-guided tar reads (webdataset's tar iterator when an
 index has no offsets), decode + checks + latent sampling (shards.reader, shards.decode,
 shards.resume) -> weighted source mix per kind -> image/video batch schedule -> collate
@@ -59,12 +61,16 @@ def _index_sources(config: LoaderConfig) -> dict[str, list[ShardInfo]]:
             continue
         infos = []
         urls = expand_shard_urls(spec.urls, stage=config.stage, storage_options=config.storage_options)
-        for url, info in zip(urls, read_shard_infos(urls, config.storage_options)):
+        found = read_shard_infos(urls, config.storage_options, dedup=config.skip_duplicates)
+        removed = sum(len(i.removed) for i in found if i is not None)
+        if removed:
+            log.info("source %s: %d samples removed by the dedup step are skipped", spec.name, removed)
+        for url, info in zip(urls, found):
             if info is None:
                 log.warning("source %s: %s has no index parquet (shard not done); skipped", spec.name, url)
                 continue
             if info.num_samples == 0:
-                continue  # every input row of this shard was rejected: nothing to read
+                continue  # every input row of this shard was rejected or removed: nothing to read
             if info.stage != config.stage:
                 raise ShardMismatchError(
                     f"{url}: stage {info.stage} but LoaderConfig.stage is {config.stage}; "

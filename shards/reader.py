@@ -1,4 +1,4 @@
-"""Shard reading: URL expansion, parquet indexes (counts, offsets, encoder ids), positional tar reads (webdataset)."""
+"""Shard reading: URL expansion, parquet indexes (counts, offsets, encoder ids, dedup), positional tar reads."""
 
 from __future__ import annotations
 
@@ -19,6 +19,8 @@ from shards.format import (
     TAR_SUFFIX,
     check_member_name,
     parse_shard_stem,
+    removed_keys,
+    shard_folder,
 )
 
 log = logging.getLogger(__name__)
@@ -78,6 +80,8 @@ class ShardInfo:
 
     The per-row columns (keys, byte offsets, sizes) are loaded lazily from the index when the shard is
     read, and cached for a few shards only, so a run over millions of samples stays small in memory.
+    Rows whose key is in `removed` (the dedup step's result) are left out of those columns and of
+    `num_samples`, so positions, offsets and resume only ever see the samples that remain.
     """
 
     url: str
@@ -89,25 +93,34 @@ class ShardInfo:
     text_encoder_id: str | None
     scale_factor: float | None
     storage_options: dict = field(default_factory=dict)
+    # Keys of this shard removed by the dedup step (skipped; not counted in num_samples).
+    removed: frozenset = frozenset()
 
     def _rows(self) -> tuple[list[str], np.ndarray, np.ndarray]:
-        rows = _ROWS_CACHE.get(self.url)
+        cache_key = (self.url, self.removed)
+        rows = _ROWS_CACHE.get(cache_key)
         if rows is None:
             table = _read_index(self.url, ["key", "offset", "bytes_total"], self.storage_options)
+            keys = table.column("key").to_pylist()
             offsets, sizes = table.column("offset"), table.column("bytes_total")
             if offsets.null_count or sizes.null_count:
                 offsets = sizes = None  # not written by ShardWriter: stream the tar instead
             else:
                 offsets = np.asarray(offsets.to_numpy(zero_copy_only=False), dtype=np.int64)
                 sizes = np.asarray(sizes.to_numpy(zero_copy_only=False), dtype=np.int64)
-            rows = (table.column("key").to_pylist(), offsets, sizes)
-            if len(rows[0]) != self.num_samples:
-                raise ShardMismatchError(f"{self.url}: index changed while reading ({len(rows[0])} rows)")
-            _ROWS_CACHE[self.url] = rows
+            if self.removed:
+                keep = np.fromiter((k not in self.removed for k in keys), dtype=bool, count=len(keys))
+                keys = [k for k, kept in zip(keys, keep.tolist()) if kept]
+                if offsets is not None:
+                    offsets, sizes = offsets[keep], sizes[keep]
+            rows = (keys, offsets, sizes)
+            if len(keys) != self.num_samples:
+                raise ShardMismatchError(f"{self.url}: index changed while reading ({len(keys)} rows)")
+            _ROWS_CACHE[cache_key] = rows
             while len(_ROWS_CACHE) > _ROWS_CACHE_SIZE:
                 _ROWS_CACHE.popitem(last=False)
         else:
-            _ROWS_CACHE.move_to_end(self.url)
+            _ROWS_CACHE.move_to_end(cache_key)
         return rows
 
     @property
@@ -140,12 +153,19 @@ def _single(table, column: str, url: str):
     return values.pop()
 
 
-def read_shard_info(url: str, storage_options: dict | None = None) -> ShardInfo | None:
-    """The ShardInfo of a tar from its index parquet; None when the index is absent (shard not done)."""
+def read_shard_info(
+    url: str, storage_options: dict | None = None, removed: set[str] | frozenset | None = None
+) -> ShardInfo | None:
+    """The ShardInfo of a tar from its index parquet; None when the index is absent (shard not done).
+
+    `removed`: keys the dedup step removed from the shard's (source, stage) (see shards.format.removed_keys);
+    those of this shard are left out of the ShardInfo's rows and count.
+    """
     fs, path = fsspec.core.url_to_fs(index_url(url), **(storage_options or {}))
     if not fs.exists(path):
         return None
-    table = _read_index(url, INDEX_COLUMNS, storage_options)
+    table = _read_index(url, INDEX_COLUMNS + (["key"] if removed else []), storage_options)
+    skip = frozenset(k for k in table.column("key").to_pylist() if k in removed) if removed else frozenset()
     name = parse_shard_stem(url)
     kind = _single(table, "kind", url) or "video"
     if kind not in ("video", "image"):
@@ -161,23 +181,46 @@ def read_shard_info(url: str, storage_options: dict | None = None) -> ShardInfo 
         source=name["source"],
         stage=stage,
         kind=kind,
-        num_samples=table.num_rows,
+        num_samples=table.num_rows - len(skip),
         vae_id=_single(table, "vae_id", url),
         text_encoder_id=_single(table, "text_encoder_id", url),
         scale_factor=None if scale is None else float(scale),
         storage_options=dict(storage_options or {}),
+        removed=skip,
     )
 
 
-def read_shard_infos(urls: list[str], storage_options: dict | None = None, threads: int = 16) -> list:
-    """read_shard_info of many tars, in parallel threads (index reads are small and latency-bound)."""
+def _dedup_groups(urls: list[str]) -> dict[str, tuple[str, str, str]]:
+    """url -> (shard folder, source, stage) of every parseable shard URL (its dedup result's address)."""
+    out = {}
+    for url in urls:
+        try:
+            name = parse_shard_stem(url)
+        except ValueError:
+            continue  # read_shard_info raises naming it
+        out[url] = (shard_folder(url), name["source"], name["stage"])
+    return out
+
+
+def read_shard_infos(
+    urls: list[str], storage_options: dict | None = None, threads: int = 16, *, dedup: bool = True
+) -> list:
+    """read_shard_info of many tars, in parallel threads (index reads are small and latency-bound).
+
+    With `dedup`, each (folder, source, stage)'s dedup result is read once and its keys are skipped.
+    """
+    groups = _dedup_groups(urls) if dedup else {}
     with ThreadPoolExecutor(max(1, min(threads, len(urls)))) as pool:
-        return list(pool.map(lambda u: read_shard_info(u, storage_options), urls))
+        distinct = sorted(set(groups.values()))
+        removed = dict(zip(distinct, pool.map(lambda g: removed_keys(*g, storage_options), distinct)))
+        return list(pool.map(lambda u: read_shard_info(u, storage_options, removed.get(groups.get(u))), urls))
 
 
-def count_samples(urls, storage_options: dict | None = None) -> dict:
-    """Samples per tar URL, from the parquet indexes (shards without an index are left out)."""
-    infos = read_shard_infos(expand_shard_urls(urls, storage_options=storage_options), storage_options)
+def count_samples(urls, storage_options: dict | None = None, *, dedup: bool = True) -> dict:
+    """Samples per tar URL, from the parquet indexes (shards without an index are left out); with
+    `dedup`, samples removed by the dedup step are not counted."""
+    urls = expand_shard_urls(urls, storage_options=storage_options)
+    infos = read_shard_infos(urls, storage_options, dedup=dedup)
     return {info.url: info.num_samples for info in infos if info is not None}
 
 

@@ -42,6 +42,8 @@ def compare(a, b) -> dict:
     """
     ra, rb = a.report, b.report
     totals = {f: _delta(ra["totals"][f], rb["totals"][f]) for f in TOTAL_FIELDS}
+    if "removed_dedup" in ra["totals"] or "removed_dedup" in rb["totals"]:  # only with a dedup result
+        totals["removed_dedup"] = _delta(ra["totals"].get("removed_dedup"), rb["totals"].get("removed_dedup"))
     ga = {g["label"]: g for g in ra["groups"]}
     gb = {g["label"]: g for g in rb["groups"]}
     groups = [

@@ -1,4 +1,4 @@
-"""Fast dataset statistics: streaming scans of index and error parquet files into mergeable histograms."""
+"""Fast dataset statistics: streaming scans of index, error and dedup parquet files into mergeable histograms."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from shards.format import dedup_result
 from shards.stats_files import ShardFiles
 
 
@@ -143,7 +144,9 @@ class GroupStats:
 
     shards: int = 0
     shards_indexed: int = 0
-    samples: int = 0
+    samples: int = 0  # index rows that remain (rows removed by the dedup step are not samples)
+    removed: int = 0  # index rows whose key the dedup step removed (dedup/{source}-{stage}.parquet)
+    deduped: bool = False  # a dedup result exists for (some of) these shards
     videos: int = 0
     images: int = 0
     clip_seconds: float = 0.0
@@ -155,8 +158,9 @@ class GroupStats:
     examples: dict = field(default_factory=dict)  # (error stage, reason) -> [(key, detail)]
 
     def merge(self, other: GroupStats) -> GroupStats:
-        for name in ("shards", "shards_indexed", "samples", "videos", "images", "tar_bytes"):
+        for name in ("shards", "shards_indexed", "samples", "removed", "videos", "images", "tar_bytes"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.deduped = self.deduped or other.deduped
         self.clip_seconds += other.clip_seconds
         self.source_seconds += other.source_seconds
         for k, v in other.member_bytes.items():
@@ -196,12 +200,24 @@ def _numpy(batch: pa.RecordBatch, name: str) -> np.ndarray:
     return col.to_numpy(zero_copy_only=False)
 
 
-def scan_index(url: str, stats: GroupStats, storage_options: dict | None = None) -> None:
-    """Add one index parquet to `stats`, reading only the projected columns, batch by batch."""
+def scan_index(
+    url: str, stats: GroupStats, storage_options: dict | None = None, removed: set[str] | None = None
+) -> None:
+    """Add one index parquet to `stats`, reading only the projected columns, batch by batch.
+
+    Rows whose key is in `removed` (the dedup step's result) count as `removed`, not as samples.
+    """
     pf = _open_parquet(url, storage_options)
     present = set(pf.schema_arrow.names)
     columns = [c for c in INDEX_COLUMNS if c in present]
-    for batch in pf.iter_batches(batch_size=BATCH_ROWS, columns=columns):
+    dedup = bool(removed) and "key" in present
+    for batch in pf.iter_batches(batch_size=BATCH_ROWS, columns=columns + ["key"] * dedup):
+        if dedup:
+            keep = np.fromiter(
+                (k not in removed for k in batch.column("key").to_pylist()), dtype=bool, count=batch.num_rows
+            )
+            stats.removed += int(batch.num_rows - keep.sum())
+            batch = batch.filter(pa.array(keep))
         n = batch.num_rows
         stats.samples += n
         if "kind" in present:
@@ -259,12 +275,13 @@ class FileProblem:
     detail: str
 
 
-def scan_shard(shard: ShardFiles, storage_options: dict | None = None):
-    """(GroupStats, [FileProblem]) of one shard from its index and errors parquet."""
+def scan_shard(shard: ShardFiles, storage_options: dict | None = None, removed: set[str] | None = None):
+    """(GroupStats, [FileProblem]) of one shard from its index and errors parquet; `removed`: the keys
+    the dedup step removed from the shard's (source, stage)."""
     stats = GroupStats(shards=1, tar_bytes=shard.tar_bytes)
     problems = []
     for url, scan, kind in (
-        (shard.index, scan_index, "bad_index"),
+        (shard.index, lambda u, p, so: scan_index(u, p, so, removed), "bad_index"),
         (shard.errors, scan_errors, "bad_errors"),
     ):
         if url is None:
@@ -283,11 +300,23 @@ def scan_all(shards: list[ShardFiles], *, workers: int = 4, storage_options=None
     """Per-shard stats merged into {(source, stage): GroupStats}, plus file problems.
 
     Threads suffice: pyarrow decoding and the numpy reductions release the GIL for most of the work.
-    `progress` (optional) is called once per finished shard.
+    `progress` (optional) is called once per finished shard. The dedup result of each (folder, source,
+    stage) (shards.format.removed_keys) is read once; its keys count as removed, not as samples.
     """
     groups: dict[tuple[str, str], GroupStats] = {}
     problems: list[FileProblem] = []
     window: deque = deque()  # futures in flight, bounded so finished partials never pile up
+    removed: dict[tuple[str, str, str], set[str] | None] = {}
+    for shard in shards:
+        where = (shard.dir, shard.source, shard.stage)
+        if where not in removed:
+            try:
+                removed[where] = dedup_result(*where, storage_options)
+            except (OSError, pa.ArrowException, KeyError, ValueError) as e:
+                removed[where] = None
+                problems.append(FileProblem(shard.name, "bad_dedup", f"{shard.dir}: {type(e).__name__}: {e}"))
+            if removed[where] is not None:
+                groups.setdefault((shard.source, shard.stage), GroupStats()).deduped = True
 
     def consume():
         shard, future = window.popleft()
@@ -299,7 +328,8 @@ def scan_all(shards: list[ShardFiles], *, workers: int = 4, storage_options=None
 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         for shard in shards:
-            window.append((shard, pool.submit(scan_shard, shard, storage_options)))
+            removed_here = removed[(shard.dir, shard.source, shard.stage)]
+            window.append((shard, pool.submit(scan_shard, shard, storage_options, removed_here)))
             if len(window) >= 4 * max(1, workers):
                 consume()
         while window:

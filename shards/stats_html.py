@@ -110,6 +110,18 @@ def _bytes_figure(report: dict) -> str:
     return f"<figure><img alt='bytes per member kind' src='{_png(fig)}'></figure>"
 
 
+def _dedup_section(report: dict) -> list[str]:
+    """Samples removed by the dedup step per group (only when a dedup result exists)."""
+    if "removed_dedup" not in report["totals"]:
+        return []
+    rows = [[g["label"], num(g["removed_dedup"])] for g in report["groups"]]
+    return [
+        f"<h2>Removed by dedup ({num(report['totals']['removed_dedup'])})</h2>",
+        "<p>near-duplicates listed by <code>latentcrafter dedup</code>; not counted in samples</p>",
+        _table(["group", "removed by dedup"], rows),
+    ]
+
+
 def _sections(report: dict) -> list[str]:
     t = report["totals"]
     out = [
@@ -139,6 +151,7 @@ def _sections(report: dict) -> list[str]:
             ],
             numeric_from=0,
         ),
+        *_dedup_section(report),
         f"<h2>By {' / '.join(report['by'])}</h2>",
         _table(
             [

@@ -10,12 +10,18 @@ JSON schema (`latentcrafter stats --json`), schema id "latentcrafter.stats/1":
       SUMMARY = {count, mean, min, max, p05, p25, p50, p75, p95} ({count: 0} when no values);
       integer fields (widths, caption lengths) are exact, others exact to one fine bin.
   errors: {total, by_stage: {stage: n}, reasons: [{stage, reason, count, share, examples: [key],
-           detail, groups: {label: n}}]}   (share = count / (samples + errors))
+           detail, groups: {label: n}}]}   (share = count / input rows; see the accounting below)
   missing: {no_index: [url], no_tar: [url], no_errors: [url], not_found: [input], unreadable:
             [{shard, kind, detail}]}
   bytes: {tar_files, index_total, per_sample, members: {latent|text_tokens|image_tokens|other:
           {total, per_sample, share}}}
   problems (deep mode only): [{shard, key, kind, detail}];  problem_counts: {kind: n}
+  removed_dedup (in totals and in every group, only when some shard folder has a dedup result
+      dedup/{source}-{stage}.parquet from `latentcrafter dedup`): index rows the dedup step removed.
+
+Accounting: every input row is counted once, as a sample (an index row the loader reads), an error
+row (errors parquet), or a sample removed as a near-duplicate (removed_dedup): input rows = samples +
+errors + removed_dedup. `samples` and the distributions cover the remaining samples only.
 """
 
 from __future__ import annotations
@@ -43,8 +49,9 @@ def merge_groups(groups: dict, by: tuple[str, ...]) -> dict[tuple, GroupStats]:
     return out
 
 
-def _group_fields(g: GroupStats) -> dict:
+def _group_fields(g: GroupStats, dedup: bool = False) -> dict:
     errors = sum(g.errors.values())
+    extra = {"removed_dedup": g.removed} if dedup else {}
     return {
         "shards": g.shards,
         "shards_indexed": g.shards_indexed,
@@ -56,6 +63,7 @@ def _group_fields(g: GroupStats) -> dict:
         "source_hours": g.source_seconds / 3600,
         "tar_bytes": g.tar_bytes,
         "bytes_per_sample": g.member_bytes["bytes_total"] / g.samples if g.samples else None,
+        **extra,
     }
 
 
@@ -85,6 +93,7 @@ def _bytes_section(total: GroupStats) -> dict:
 
 def _errors_section(merged: dict, total: GroupStats) -> dict:
     count = sum(total.errors.values())
+    rows = total.samples + count + total.removed  # every input row, once
     by_stage: Counter = Counter()
     reasons = []
     for (stage, reason), n in sorted(total.errors.items(), key=lambda kv: (-kv[1], kv[0])):
@@ -95,7 +104,7 @@ def _errors_section(merged: dict, total: GroupStats) -> dict:
                 "stage": stage,
                 "reason": reason,
                 "count": n,
-                "share": n / (total.samples + count) if total.samples + count else None,
+                "share": n / rows if rows else None,
                 "examples": [k for k, _ in examples],
                 "detail": next((d for _, d in examples if d), None),
                 "groups": {
@@ -123,11 +132,12 @@ def build_report(
     total = GroupStats()
     for g in merged.values():
         total.merge(g)
+    dedup = total.deduped
     group_rows = []
     for key, g in merged.items():
         row = dict(zip(dims, key))
         row["label"] = "/".join(key)
-        row.update(_group_fields(g))
+        row.update(_group_fields(g, dedup))
         row["distributions"] = {name: h.summary() for name, h in g.hists.items() if h.n}
         group_rows.append(row)
     distributions = {}
@@ -142,7 +152,7 @@ def build_report(
                 **h.summary(),
                 "hist": {"edges": edges.tolist(), "counts": counts.tolist()},
             }
-    totals = _group_fields(total)
+    totals = _group_fields(total, dedup)
     totals.pop("bytes_per_sample")
     totals["sources"] = sorted({s for s, _ in groups})
     totals["stages"] = sorted({st for _, st in groups})
@@ -226,6 +236,11 @@ def render_terminal(report: dict, console: Console, *, max_problems: int = 20) -
         f"{t['clip_hours']:,.2f} h of clips from {t['source_hours']:,.2f} h of source video; "
         f"{num(t['errors'])} rejected rows; tars {human_bytes(t['tar_bytes'])}"
     )
+    dedup = "removed_dedup" in t
+    if dedup:
+        console.print(
+            f"removed by dedup: {num(t['removed_dedup'])} (near-duplicates; not counted in samples)"
+        )
     g = _table(
         f"By {' / '.join(report['by'])}",
         "group",
@@ -252,6 +267,9 @@ def render_terminal(report: dict, console: Console, *, max_problems: int = 20) -
             human_bytes(row["bytes_per_sample"]),
         )
     console.print(g)
+    if dedup:
+        for row in report["groups"]:
+            console.print(f"  {row['label']}: removed by dedup: {num(row['removed_dedup'])}")
     d = _table("Distributions", "field", "count", "mean", "min", "p05", "p50", "p95", "max")
     for s in report["distributions"].values():
         label = s["label"]

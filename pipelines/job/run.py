@@ -161,6 +161,10 @@ def _dedup(config: PipelineConfig) -> tuple[dict, dict[str, int]]:
         return {}, {}
     from pipelines.dedup import run_dedup
 
+    print(
+        f"encode: dedup step (threshold {config.dedup.threshold}, {config.dedup.embedding} embeddings)",
+        flush=True,
+    )
     result = run_dedup(config.out_dir, threshold=config.dedup.threshold, embedding=config.dedup.embedding)
     removed = {name.replace("-", "/", 1): int(info["removed"]) for name, info in result.items()}
     return result, removed
@@ -187,7 +191,9 @@ def run(config: PipelineConfig) -> dict:
         first = time.perf_counter()
         written, failed = run_shards(config, tasks) if tasks else ([], [])
         encoded_s = time.perf_counter() - first
-        stale += clean_temporaries(config.out_dir)  # left by workers killed mid-shard (their shards were redone)
+        stale += clean_temporaries(
+            config.out_dir
+        )  # left by workers killed mid-shard (their shards were redone)
         dedup, removed = _dedup(config)
     finally:
         if started_ray:

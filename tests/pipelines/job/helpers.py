@@ -55,7 +55,7 @@ def job_config(data: Path, models: Path, out: Path, server_url: str, **overrides
         },
         "decode": {"num_frames": 8, "frame_stride": 2, "timeout_s": 60, "memory_limit_mb": 4096},
         "filters": {"max_punsafe": 0.5},
-        "dedup": {"enabled": False, "threshold": 0.99999},  # TEMP
+        "dedup": {"enabled": True, "threshold": 0.99999},
         "ray": {
             "address": "local",
             "num_cpus": 4,

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
+
+import pyarrow.parquet as pq
 
 from tests.pipelines.job.helpers import (
     REPO,
@@ -116,4 +120,47 @@ def test_kill_9_of_a_writing_worker_mid_shard_is_retried(
     }  # its shard was redone by another worker
     assert summary["driver_pid"] == proc.pid and summary["unfinished_shards"] == []
     assert _outcome(out) == _outcome(encoded_shards.out_dir)
+    assert not [p for p in out.rglob("*") if ".tmp-" in p.name], "temp files left behind"
+
+
+def test_kill_9_of_the_driver_during_dedup_then_rerun_matches_an_uninterrupted_dedup(
+    tmp_path, encoded_shards, sample_data, sample_server, tiny_models
+):
+    """Every shard done already: the job goes straight to the dedup step, is killed there, and rerun."""
+    out = tmp_path / "shards"
+    shutil.copytree(encoded_shards.out_dir, out, ignore=shutil.ignore_patterns("dedup", "summary.json"))
+    reference = tmp_path / "reference"
+    shutil.copytree(out, reference)
+    threshold = 0.995  # the tiny random encoders put many unrelated images this close: a non-trivial result
+    cli = [sys.executable, "-m", "pipelines.cli", "dedup", str(reference), "--threshold", str(threshold)]
+    subprocess.run(cli, cwd=REPO, env=job_env(), check=True, capture_output=True, timeout=300)
+
+    job = job_config(sample_data, tiny_models, out, sample_server)
+    job["dedup"] = {"enabled": True, "threshold": threshold, "embedding": "image"}
+    config = write_config(tmp_path / "job.yaml", job)
+    proc = subprocess.Popen(
+        job_command(config), cwd=REPO, env=job_env(), start_new_session=True,
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )  # fmt: skip
+    try:
+        for line in proc.stdout:
+            if line.startswith("encode: dedup step"):
+                os.killpg(proc.pid, signal.SIGKILL)
+                break
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == -signal.SIGKILL, "the job ended before its dedup step could be killed"
+
+    summary = run_job(config, tmp_path / "summary.json")
+    assert summary["this_run"]["shards_written"] == 0
+    results = sorted(p.name for p in (reference / "dedup").iterdir())
+    assert results and sorted(p.name for p in (out / "dedup").iterdir()) == results
+    removed = 0
+    for name in results:
+        got, want = pq.read_table(out / "dedup" / name), pq.read_table(reference / "dedup" / name)
+        assert got.equals(want), name
+        removed += got.num_rows
+    assert removed > 0 and sum(summary["total"]["removed_by_dedup"].values()) == removed
     assert not [p for p in out.rglob("*") if ".tmp-" in p.name], "temp files left behind"

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import pyarrow.parquet as pq
+import pytest
 
 from pipelines.stages.rows import fail, new_row
 from pipelines.stages.write import ShardSink

@@ -1,0 +1,1 @@
+"""Tests of the dedup step (pipelines.dedup): search core, Ray step, CLI."""
