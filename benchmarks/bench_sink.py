@@ -65,11 +65,39 @@ def write_shard(out_dir: str, shard: int, batches: list) -> dict:
     return {"samples": summary["samples"], "bytes": summary["bytes"], "cpu_s": time.process_time() - cpu}
 
 
+def _run(remote, refs: list, out: str, writers: int) -> dict:
+    """Write every shard with at most `writers` tasks at once; the figures of that run."""
+    import ray
+
+    wall, cpu = time.perf_counter(), time.process_time()
+    pending, done, queue = [], [], list(range(len(refs)))
+    while queue or pending:
+        while queue and len(pending) < writers:
+            k = queue.pop(0)
+            pending.append(remote.remote(out, k, refs[k]))
+        ready, pending = ray.wait(pending, num_returns=1)
+        done += ray.get(ready)
+    wall, driver_cpu = time.perf_counter() - wall, time.process_time() - cpu
+    samples, writer_cpu = sum(d["samples"] for d in done), sum(d["cpu_s"] for d in done)
+    shutil.rmtree(out, ignore_errors=True)
+    os.sync()  # no dirty pages of this run left for the kernel to write back during the next
+    return {
+        "writers": writers, "samples": samples, "seconds": round(wall, 2),
+        "samples_per_s": round(samples / wall, 1), "mb_per_s": round(sum(d["bytes"] for d in done) / wall / 1e6, 1),
+        "writer_cpu_s_per_1000": round(writer_cpu / samples * 1000, 3),
+        "driver_cpu_s_per_1000": round(driver_cpu / samples * 1000, 4),
+        "driver_cpu_share": round(driver_cpu / writer_cpu, 4),
+    }  # fmt: skip
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--writers", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--samples", type=int, default=1200, help="samples written per writer count")
     parser.add_argument("--shard", type=int, default=100, help="samples per output shard")
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="rounds over the writer counts (medians reported)"
+    )
     parser.add_argument("--dir", default=None, help="output folder (default: a temp folder, removed after)")
     args = parser.parse_args()
     import ray
@@ -83,33 +111,26 @@ def main() -> int:
         rows = encoded_rows(args.shard, k, args.shard, seed=k)
         refs.append([ray.put(table_of(rows[i : i + batch])) for i in range(0, len(rows), batch)])
     remote = ray.remote(write_shard).options(num_cpus=1)
-    ray.get([remote.remote(tempfile.mkdtemp(), 0, refs[0][:1])])  # warm the worker processes up
     root = args.dir or tempfile.mkdtemp(prefix="lc_bench_sink_")
+    warm = [remote.remote(os.path.join(root, f"warm{i}"), 0, refs[0][:1]) for i in range(max(args.writers))]
+    ray.get(warm)  # every worker process started and its imports done before timing
+    runs: dict[int, list[dict]] = {w: [] for w in args.writers}
     try:
-        for writers in args.writers:
-            out = os.path.join(root, f"w{writers}")
-            wall, cpu = time.perf_counter(), time.process_time()
-            pending, done, queue = [], [], list(range(shards))
-            while queue or pending:
-                while queue and len(pending) < writers:
-                    k = queue.pop(0)
-                    pending.append(remote.remote(out, k, refs[k]))
-                ready, pending = ray.wait(pending, num_returns=1)
-                done += ray.get(ready)
-            wall, driver_cpu = time.perf_counter() - wall, time.process_time() - cpu
-            samples, writer_cpu = sum(d["samples"] for d in done), sum(d["cpu_s"] for d in done)
-            print(json.dumps({
-                "writers": writers, "samples": samples, "seconds": round(wall, 2),
-                "samples_per_s": round(samples / wall, 1), "mb_per_s": round(sum(d["bytes"] for d in done) / wall / 1e6, 1),
-                "writer_cpu_s_per_1000": round(writer_cpu / samples * 1000, 3),
-                "driver_cpu_s_per_1000": round(driver_cpu / samples * 1000, 4),
-                "driver_cpu_share": round(driver_cpu / writer_cpu, 4),
-            }), flush=True)  # fmt: skip
-            shutil.rmtree(out, ignore_errors=True)
+        for r in range(args.repeats):  # counts interleaved, order rotated: noise and warm-up hit each alike
+            for writers in args.writers[r % len(args.writers) :] + args.writers[: r % len(args.writers)]:
+                runs[writers].append(_run(remote, refs, os.path.join(root, f"w{writers}"), writers))
+                print(json.dumps(runs[writers][-1]), flush=True)
     finally:
         if not args.dir:
             shutil.rmtree(root, ignore_errors=True)
         ray.shutdown()
+    median = {w: sorted(r, key=lambda x: x["samples_per_s"])[len(r) // 2] for w, r in runs.items()}
+    base = median[args.writers[0]]["samples_per_s"]
+    print(json.dumps({
+        "median_samples_per_s": {w: m["samples_per_s"] for w, m in median.items()},
+        "speedup_vs_first": {w: round(m["samples_per_s"] / base, 2) for w, m in median.items()},
+        "driver_cpu_share": {w: m["driver_cpu_share"] for w, m in median.items()},
+    }))  # fmt: skip
     return 0
 
 

@@ -182,7 +182,7 @@ class ShardWriter:
         self._fs.makedirs(self._fs._parent(self._path), exist_ok=True)
         self._tmp = f"{self._path}.tmp-{uuid.uuid4().hex[:8]}"
         self._file = self._fs.open(self._tmp, "wb")
-        self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT)
+        self._offset = 0  # bytes of the tar written so far
         self._index: list[dict] = []
         self._errors: list[dict] = []
         self._keys: set[str] = set()
@@ -196,7 +196,7 @@ class ShardWriter:
         unknown = [m for m in members if m not in KNOWN_MEMBERS]
         if missing or unknown:
             raise ValueError(f"sample {key!r}: missing members {missing}, unknown members {unknown}")
-        offset = self._tar.offset
+        offset = self._offset
         sizes = {}
         for member in sorted(members):
             data = members[member]
@@ -206,17 +206,28 @@ class ShardWriter:
                 data = json.dumps(data, sort_keys=True).encode()
             elif isinstance(data, str):
                 data = data.encode("utf-8")
-            info = tarfile.TarInfo(f"{key}.{member}")
-            info.size, info.mtime, info.mode = len(data), 0, 0o644
-            self._tar.addfile(info, io.BytesIO(data))
+            self._add_member(f"{key}.{member}", data)
             sizes[member] = len(data)
         self._keys.add(key)
         row = dict(index_row, key=key, shard=self.name, offset=offset)
         row["bytes_latent"] = sizes.get("latent.npy", 0) + sizes.get("latent_std.npy", 0)
         row["bytes_text_tokens"] = sizes.get("text_tokens.npy", 0) + sizes.get("text_pooled.npy", 0)
         row["bytes_image_tokens"] = sizes.get("image_tokens.npy", 0) + sizes.get("image_pooled.npy", 0)
-        row["bytes_total"] = self._tar.offset - offset
+        row["bytes_total"] = self._offset - offset
         self._index.append(row)
+
+    def _add_member(self, name: str, data: bytes | memoryview) -> None:
+        """One tar member, header and data written straight to the file (what tarfile.addfile writes, without
+        its 16 KiB copy loop): a USTAR header block, the data, NUL padding to the next 512-byte block."""
+        info = tarfile.TarInfo(name)
+        info.size, info.mtime, info.mode = len(data), 0, 0o644
+        header = info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape")
+        padding = -len(data) % tarfile.BLOCKSIZE
+        self._file.write(header)
+        self._file.write(data)
+        if padding:
+            self._file.write(tarfile.NUL * padding)
+        self._offset += len(header) + len(data) + padding
 
     def add_errors(self, rows: list[dict]) -> None:
         """Record input rows that did not become samples (ERROR_SCHEMA dicts)."""
@@ -228,7 +239,8 @@ class ShardWriter:
 
     def close(self) -> dict:
         """Finish the shard: tar, then errors, then index. Returns {'samples', 'errors', 'bytes'}."""
-        self._tar.close()
+        end = self._offset + 2 * tarfile.BLOCKSIZE  # two zero blocks end the archive, padded to a record
+        self._file.write(tarfile.NUL * (2 * tarfile.BLOCKSIZE + (-end % tarfile.RECORDSIZE)))
         self._file.close()
         self._fs.mv(self._tmp, self._path)
         write_parquet_atomic(self.paths.errors, self._errors, ERROR_SCHEMA)
