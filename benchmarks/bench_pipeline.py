@@ -55,7 +55,10 @@ def main(argv=None) -> int:
     parser.add_argument("--stage", default="256x256")
     parser.add_argument("--num-frames", type=int, default=16)
     parser.add_argument(
-        "--shard-tasks", type=int, default=3, help="shard tasks at once (4 logical CPUs, 1 encoder)"
+        "--shard-tasks", type=int, default=None, help="shard tasks at once (default: the job's)"
+    )
+    parser.add_argument(
+        "--rows-per-unit", type=int, default=None, help="rows decoded together (default: the job's)"
     )
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
@@ -68,7 +71,11 @@ def main(argv=None) -> int:
             for src in config["sources"]:
                 src.update(resolutions=[args.stage], rows_per_shard=16)
             config["decode"]["num_frames"] = args.num_frames
-            config["ray"].update(object_store_memory_mb=400, shard_tasks=args.shard_tasks)
+            config["ray"].update(object_store_memory_mb=400)
+            if args.shard_tasks:
+                config["ray"]["shard_tasks"] = args.shard_tasks
+            if args.rows_per_unit:
+                config["ray"]["rows_per_unit"] = args.rows_per_unit
             (tmp / "job.yaml").write_text(yaml.safe_dump(config))
             cmd = [
                 sys.executable,
@@ -97,10 +104,15 @@ def main(argv=None) -> int:
     print(f"rows {run['rows']}  samples {samples}  stage {args.stage}  video frames {args.num_frames}")
     print(f"wall (process, incl. Ray start + model load): {wall:.1f} s")
     print(f"job summary: {run['seconds']} s, {run['samples_per_s']} samples/s, {run['rows_per_s']} rows/s")
+    print(
+        f"planned after {run['planned_after_s']} s (Ray start, planning tasks; the encoders load meanwhile)"
+    )
     print(f"steady {run['steady_samples_per_s']} samples/s (from the first shard task to the last summary)")
     print(
         f"peak RSS: driver {peak_driver / 2**20:.0f} MiB, driver + Ray processes {peak_tree / 2**20:.0f} MiB"
     )
+    print(f"encoder actors: {run['encoders']}")
+    print(f"shard task seconds by part (summed over tasks): {run['task_seconds']}")
     writers = {s["writer_pid"] for s in summary["shards"]}
     print(f"shards written by {len(writers)} worker processes, none by the driver ({summary['driver_pid']})")
     return 0

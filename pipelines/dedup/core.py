@@ -50,6 +50,9 @@ class SearchConfig:
     block_cols: int = 4096
     # Memory for the vectors a search task gathers at once (MiB); bounds its resident size.
     gather_mib: int = 256
+    # Folders of up to this many vectors are searched whole in one task (same result, no task fan-out:
+    # k-means, assignment and search tasks each cost a worker start-up that small folders don't repay).
+    single_task_max: int = 20000
 
     def __post_init__(self):
         for name in ("cluster_size", "kmeans_points_per_cluster", "kmeans_iters", "block_rows", "block_cols"):

@@ -76,6 +76,12 @@ def _search_task(parts: list[Part], dim: int, clusters: np.ndarray, k: int, thre
     return search.search_clusters(groups, PartRows(parts, dim, inverse), threshold, cfg)
 
 
+@ray.remote(num_cpus=1)
+def _whole_task(parts: list[Part], dim: int, n: int, threshold: float, cfg):
+    """A small folder searched whole in one task (search.find_duplicates over its n rows)."""
+    return search.find_duplicates(PartRows(parts, dim).raw(np.arange(n)), threshold, cfg)  # normalised once
+
+
 def _wait(refs: list, label: str) -> list:
     """ray.get with a tqdm bar over finished tasks (shown when stderr is a terminal)."""
     pending = list(refs)
@@ -142,7 +148,10 @@ def dedup_folder(
     path = dedup_path(out_dir, source, stage)
     pairs = search.empty_pairs()
     phases: dict[str, float] = {}
-    if n >= 2:
+    if 2 <= n <= cfg.single_task_max:
+        pairs = ray.get(_whole_task.remote(parts, dim, n, threshold, cfg))
+        phases["search"] = time.perf_counter() - start
+    elif n >= 2:
         cpus, threads = _cpus(num_cpus)
         parts_ref = ray.put(parts)
         sample = core.kmeans_sample(n, k, cfg)

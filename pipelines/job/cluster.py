@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import time
 
 from pipelines.config import PipelineConfig, RayConfig
 
@@ -56,6 +57,7 @@ class EncoderActor:
         from pipelines.stages.encode import EncodeRowsStage
 
         self.stage = EncodeRowsStage(models, filters)
+        self.busy_s, self.calls, self.rows = 0.0, 0, 0
 
     def node(self) -> str:
         import ray
@@ -63,7 +65,15 @@ class EncoderActor:
         return ray.get_runtime_context().get_node_id()
 
     def encode(self, table):
-        return self.stage(table)
+        started = time.perf_counter()
+        out = self.stage(table)
+        self.busy_s += time.perf_counter() - started
+        self.calls, self.rows = self.calls + 1, self.rows + table.num_rows
+        return out
+
+    def stats(self) -> dict:
+        """Seconds spent encoding, calls and rows since start (busy_s / wall time = the encoder's load)."""
+        return {"busy_s": round(self.busy_s, 2), "calls": self.calls, "rows": self.rows}
 
 
 def encoder_gpus(cfg: RayConfig) -> float:
@@ -74,8 +84,9 @@ def encoder_gpus(cfg: RayConfig) -> float:
     return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
 
 
-def start_encoders(config: PipelineConfig) -> list[tuple]:
-    """The encoder actors, started and loaded: [(handle, node_id)], so tasks can call one on their own node."""
+def start_encoders(config: PipelineConfig) -> tuple[list, list]:
+    """Start the encoder actors without waiting for them: (handles, refs of their node ids). Their models
+    load while the driver plans; `ray.get` of the refs waits until every copy is loaded."""
     import ray
 
     rc = config.ray
@@ -88,8 +99,7 @@ def start_encoders(config: PipelineConfig) -> list[tuple]:
     )
     models, filters = dataclasses.asdict(config.models), dataclasses.asdict(config.filters)
     actors = [actor_cls.remote(models, filters) for _ in range(count)]
-    nodes = ray.get([a.node.remote() for a in actors])  # waits until every copy has loaded its models
-    return list(zip(actors, nodes))
+    return actors, [a.node.remote() for a in actors]
 
 
 def shard_task_slots(config: PipelineConfig, num_encoders: int) -> int:

@@ -118,13 +118,16 @@ def _settings(config: PipelineConfig) -> dict:
     }
 
 
-def run_shards(config: PipelineConfig, tasks: list[dict]) -> tuple[list[dict], list[dict]]:
-    """Run the shard tasks, at most `slots` at once; (summaries of written shards, failed shards)."""
+def run_shards(
+    config: PipelineConfig, tasks: list[dict], actors: list, nodes: list
+) -> tuple[list, list, list]:
+    """Run the shard tasks, at most `slots` at once, calling the encoder `actors` (started by
+    `start_encoders`); (summaries of written shards, failed shards, encoder stats)."""
     import ray
 
     from pipelines.job.shard import encode_shard
 
-    encoders = start_encoders(config)
+    encoders = list(zip(actors, nodes))  # node-id refs inside a list reach the tasks unresolved
     slots = shard_task_slots(config, len(encoders))
     remote = ray.remote(encode_shard).options(
         num_cpus=config.ray.cpus_per_shard_task,
@@ -150,9 +153,7 @@ def run_shards(config: PipelineConfig, tasks: list[dict]) -> tuple[list[dict], l
                     dict(source=task["source"], stage=task["stage"], shard=task["shard"], error=str(exc))
                 )
             bar.update(task["stop"] - task["start"])
-    for actor, _ in encoders:
-        ray.kill(actor)
-    return written, failed
+    return written, failed, ray.get([actor.stats.remote() for actor in actors])
 
 
 def _dedup(config: PipelineConfig) -> tuple[dict, dict[str, int]]:
@@ -181,7 +182,9 @@ def run(config: PipelineConfig) -> dict:
     started_ray = init_ray(config.ray)
     import ray
 
+    actors: list = []
     try:
+        actors, nodes = start_encoders(config)  # the models load while the manifests are planned
         tasks, done = plan(config, rewrites)
         print(
             f"encode: {len(tasks)} shards to write ({sum(t['stop'] - t['start'] for t in tasks)} rows), "
@@ -189,11 +192,13 @@ def run(config: PipelineConfig) -> dict:
             flush=True,
         )
         first = time.perf_counter()
-        written, failed = run_shards(config, tasks) if tasks else ([], [])
+        planned_after = first - started
+        written, failed, encoder_stats = run_shards(config, tasks, actors, nodes) if tasks else ([], [], [])
         encoded_s = time.perf_counter() - first
-        stale += clean_temporaries(
-            config.out_dir
-        )  # left by workers killed mid-shard (their shards were redone)
+        for actor in actors:
+            ray.kill(actor)  # their CPUs/GPUs are the dedup step's now
+        # temp files of workers killed mid-shard (their shards were redone): no task runs any more
+        stale += clean_temporaries(config.out_dir)
         dedup, removed = _dedup(config)
     finally:
         if started_ray:
@@ -215,12 +220,19 @@ def run(config: PipelineConfig) -> dict:
             "shards_skipped": len(done),
             "errors": dict(sorted(run_errors.items())),
             "seconds": round(elapsed, 2),
+            "planned_after_s": round(planned_after, 2),  # Ray start and the planning tasks
             "rows_per_s": round(rows / elapsed, 3) if elapsed > 0 else None,
             "samples_per_s": round(samples / elapsed, 3) if elapsed > 0 else None,
             # from the first shard task submitted to the last summary (planning and dedup excluded)
             "steady_samples_per_s": round(samples / encoded_s, 3) if written and encoded_s > 0 else None,
             "bytes_written": sum(w["bytes"] for w in written),
             "temp_files_removed": stale,
+            "encoders": encoder_stats,  # per encoder actor: busy seconds, calls, rows
+            # seconds the shard tasks spent per part, summed over tasks (where a run's time goes)
+            "task_seconds": {
+                part: round(sum(w["spent"][part] for w in written), 2)
+                for part in (written[0]["spent"] if written else {})
+            },
         },
         "shards": sorted(
             (

@@ -31,11 +31,15 @@ def _stages(settings: dict) -> tuple:
 
 
 def _pick_encoder(encoders: list[tuple], shard: int):
-    """An encoder actor on this task's node when there is one (frames stay on the node), else any."""
+    """An encoder actor on this task's node when there is one (frames stay on the node), else any.
+
+    encoders: [(actor, ref of its node id)]; the refs resolve once the actors have loaded their models, so a
+    task asks only when it has its first decoded rows (fetching and decoding overlap the model loading)."""
     import ray
 
     node = ray.get_runtime_context().get_node_id()
-    local = [actor for actor, actor_node in encoders if actor_node == node]
+    nodes = ray.get([ref for _, ref in encoders])
+    local = [actor for (actor, _), actor_node in zip(encoders, nodes) if actor_node == node]
     choices = local or [actor for actor, _ in encoders]
     return choices[shard % len(choices)]
 
@@ -63,7 +67,7 @@ def encode_shard(task: dict, encoders: list[tuple], settings: dict) -> dict:
         expected=len(rows),
         embeddings=settings["clip_retrieval"],
     )
-    encoder = _pick_encoder(encoders, int(task["shard"]))
+    encoder = None
     unit, batch = int(settings["rows_per_unit"]), int(settings["encode_batch_size"])
     units = [rows[i : i + unit] for i in range(0, len(rows), unit)]
 
@@ -71,28 +75,42 @@ def encode_shard(task: dict, encoders: list[tuple], settings: dict) -> dict:
         return list(fetch_stage.pool.map(fetch_stage.fetch_row, map(filter_stage.filter_row, unit_rows)))
 
     in_flight: deque = deque()  # encoder results (ObjectRefs) or rows that need no encoder, in row order
+    spent = dict.fromkeys(("read", "fetch_wait", "decode", "encode_wait", "write"), 0.0)  # seconds, per part
+    spent["read"] = time.perf_counter() - started
 
     def drain(keep: int) -> None:
         while len(in_flight) > keep:
             item = in_flight.popleft()
-            sink.add(rows_of(ray.get(item)) if isinstance(item, ray.ObjectRef) else item)
+            t = time.perf_counter()
+            rows = rows_of(ray.get(item)) if isinstance(item, ray.ObjectRef) else item
+            t2 = time.perf_counter()
+            sink.add(rows)
+            spent["encode_wait"] += t2 - t
+            spent["write"] += time.perf_counter() - t2
 
     try:
         with ThreadPoolExecutor(1, thread_name_prefix="prefetch") as prefetch:
             upcoming = prefetch.submit(prepare, units[0]) if units else None
             for i in range(len(units)):
+                t = time.perf_counter()
                 fetched = upcoming.result()
                 upcoming = prefetch.submit(prepare, units[i + 1]) if i + 1 < len(units) else None
+                t2 = time.perf_counter()
                 decoded = decode_stage.decode_rows(fetched)
+                spent["fetch_wait"] += t2 - t
+                spent["decode"] += time.perf_counter() - t2
                 for j in range(0, len(decoded), batch):
                     part = decoded[j : j + batch]
                     if all(failed(r) for r in part):
                         in_flight.append(part)
                     else:
+                        encoder = encoder or _pick_encoder(encoders, int(task["shard"]))
                         in_flight.append(encoder.encode.remote(table_of(part, zero_copy=("frames",))))
                     drain(keep=2)
         drain(keep=0)
+        t = time.perf_counter()
         summary = sink.close()
+        spent["write"] += time.perf_counter() - t
     except BaseException:
         sink.abort()
         raise
@@ -100,5 +118,6 @@ def encode_shard(task: dict, encoders: list[tuple], settings: dict) -> dict:
         writer_node=ray.get_runtime_context().get_node_id(),
         writer_pid=os.getpid(),
         seconds=round(time.perf_counter() - started, 3),
+        spent={k: round(v, 3) for k, v in spent.items()},
     )
     return summary

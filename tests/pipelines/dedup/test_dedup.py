@@ -79,7 +79,9 @@ def planted(tmp_path_factory):
 
 def test_planted_duplicates_found_within_and_across_parts(planted):
     out, info = planted
-    summary = run_dedup(str(out), threshold=0.95, config=SearchConfig(num_clusters=12, nprobe=3))
+    summary = run_dedup(
+        str(out), threshold=0.95, config=SearchConfig(num_clusters=12, nprobe=3, single_task_max=0)
+    )
     got = result(out, "jdb")
     base, copy = info.duplicates[:, 0], info.duplicates[:, 1]
     same_part = (base // 400) == (copy // 400)
@@ -130,13 +132,16 @@ def clustered(tmp_path_factory):
 @pytest.mark.parametrize(
     "cfg",
     [
-        SearchConfig(num_clusters=1),
-        SearchConfig(num_clusters=5, nprobe=5),
-        SearchConfig(num_clusters=16, nprobe=3),
-        SearchConfig(num_clusters=40, nprobe=6, block_rows=64, block_cols=32, gather_mib=1),
-        SearchConfig(num_clusters=40, nprobe=6, exact_assign_max_clusters=8),  # HNSW centroid index
+        SearchConfig(num_clusters=1, single_task_max=0),
+        SearchConfig(num_clusters=5, nprobe=5, single_task_max=0),
+        SearchConfig(num_clusters=16, nprobe=3, single_task_max=0),
+        SearchConfig(
+            num_clusters=40, nprobe=6, block_rows=64, block_cols=32, gather_mib=1, single_task_max=0
+        ),
+        SearchConfig(num_clusters=40, nprobe=6, exact_assign_max_clusters=8, single_task_max=0),  # HNSW
+        SearchConfig(num_clusters=16, nprobe=3),  # a small folder: searched whole in one task
     ],
-    ids=["k1", "k5-exhaustive", "k16", "k40-small-blocks", "k40-hnsw"],
+    ids=["k1", "k5-exhaustive", "k16", "k40-small-blocks", "k40-hnsw", "k16-one-task"],
 )
 def test_equals_brute_force(clustered, cfg):
     out, exact = clustered
@@ -149,7 +154,7 @@ def test_equals_brute_force(clustered, cfg):
 def test_deterministic_byte_identical_across_runs_and_cpus(clustered):
     out, _ = clustered
     path = dedup_path(str(out), "mix", STAGE)
-    cfg = SearchConfig(num_clusters=16, nprobe=3)
+    cfg = SearchConfig(num_clusters=16, nprobe=3, single_task_max=0)
     runs = []
     for cpus in (2, 2, 1):
         run_dedup(str(out), config=cfg, num_cpus=cpus)
