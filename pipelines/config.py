@@ -174,9 +174,7 @@ class RayConfig:
     encode_batch_size: int = 8  # rows per encoder call
     gpus_per_actor: float | None = None  # None: 1 when the cluster has GPUs, else 0 (CPU)
     cpus_per_encode_actor: float = 1.0
-    rows_per_unit: int = (
-        16  # rows a shard task fetches and decodes together (the next unit is fetched meanwhile)
-    )
+    rows_per_unit: int = 8  # rows a shard task decodes together (the next unit is fetched meanwhile)
     plan_tasks: int = 8  # manifest files planned at once (one Ray task per file)
     worker_logs: bool = False  # forward the workers' stdout/stderr to the driver's terminal
     progress: bool = True  # progress bar on the driver
