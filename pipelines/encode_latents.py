@@ -41,7 +41,8 @@ def print_summary(summary: dict) -> None:
     for name, n in total["samples"].items():
         table.add_row(f"samples {name}", str(n))
     for name, n in total["removed_by_dedup"].items():
-        table.add_row(f"removed by dedup {name}", str(n))
+        if n:
+            table.add_row(f"removed by dedup {name}", str(n))
     for name, n in total["errors"].items():
         table.add_row(f"errors {name}", str(n))
     console.print(table)
