@@ -12,6 +12,7 @@ import yaml
 
 from shards.config import LoaderConfig, SourceSpec
 from shards.format import RESOLUTIONS
+from trainer.diffusion.schedule import SignalScale
 
 TRAINABLE = ("all", "spatial", "temporal")
 
@@ -155,10 +156,26 @@ class ModelConfig:
     image_cross_attention: bool = False  # I2V: decoupled image cross-attention on batch image_tokens
     prediction: str = "eps"  # eps | v
     gradient_checkpointing: bool = False
+    # VideoCrafter's signal scaling (VC2 T2V, VC1 I2V: use_scale with scale_b 0.7; the 1024 model: 0.3 and
+    # fix_scale_bug): q_sample scales x0 by scale_arr[t], DDIM un-/re-scales pred_x0 (trainer.diffusion).
+    use_scale: bool = False
+    scale_a: float = 1.0  # scale at t = 0
+    scale_b: float = 0.7  # scale from t = mid_step - 1 on
+    mid_step: int = 400  # length of the linear ramp from scale_a to scale_b
+    fix_scale_bug: bool = False  # VideoCrafter's fix_scale_bug (the 1024 model's scale_arr of length 1000)
 
     def __post_init__(self):
         if self.prediction not in ("eps", "v"):
             raise ValueError(f"model.prediction must be eps or v, got {self.prediction!r}")
+        try:
+            SignalScale(**self.signal_scale())
+        except ValueError as exc:
+            raise ValueError(f"model.{exc}") from None
+
+    def signal_scale(self) -> dict:
+        """The signal-scaling options as trainer.diffusion.Diffusion keyword arguments."""
+        names = ("use_scale", "scale_a", "scale_b", "mid_step", "fix_scale_bug")
+        return {name: getattr(self, name) for name in names}
 
 
 @dataclass(kw_only=True)

@@ -117,7 +117,7 @@ class PhaseRunner:
         self.text, self.ema, self.logger, self.preview = text, ema, logger, preview
         self.device, self.ckpt_root = device, ckpt_root
         self.frozen = frozen or {}
-        self.diffusion = Diffusion(prediction=config.model.prediction)
+        self.diffusion = Diffusion(prediction=config.model.prediction, **config.model.signal_scale())
         self.accum = phase.resolve_grad_accum(world)
         self.zero = config.deepspeed.zero_stage
         self.uncond = text.uncond.to(device)

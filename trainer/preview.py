@@ -45,7 +45,8 @@ class PreviewWriter:
         self.out_dir = out_dir
         from trainer.diffusion import DDIMSampler, Diffusion
 
-        self.sampler = DDIMSampler(Diffusion(prediction=config.model.prediction), self.config.ddim_steps)
+        diffusion = Diffusion(prediction=config.model.prediction, **config.model.signal_scale())
+        self.sampler = DDIMSampler(diffusion, self.config.ddim_steps)
 
     @torch.no_grad()
     def write(

@@ -141,3 +141,16 @@ def test_cli_help(capsys):
         main(["--help"])
     assert exit_info.value.code == 0
     assert "--resume" in capsys.readouterr().out
+
+
+def test_signal_scaling_options_reach_the_diffusion():
+    from trainer.config import ModelConfig
+    from trainer.diffusion import Diffusion
+
+    model = ModelConfig(model_dir="m", use_scale=True, scale_b=0.3, fix_scale_bug=True)
+    diffusion = Diffusion(prediction=model.prediction, **model.signal_scale())
+    assert diffusion.scale_arr is not None and len(diffusion.scale_arr) == 1000
+    assert diffusion.scale_arr[-1].item() == pytest.approx(0.3)
+    assert Diffusion(**ModelConfig(model_dir="m").signal_scale()).scale_arr is None
+    with pytest.raises(ValueError, match="model.*mid_step"):
+        ModelConfig(model_dir="m", use_scale=True, mid_step=0)

@@ -11,8 +11,10 @@ from trainer.diffusion.schedule import Diffusion
 class DDIMSampler:
     """Deterministic (eta=0) or stochastic DDIM over `steps` of the diffusion's timesteps.
 
-    Spacing: LDM/VideoCrafter "uniform" (0, k, 2k, ... shifted by +1) for the standard schedule,
-    "trailing" (ending at T-1) with zero-terminal-SNR, where the last step must start from pure noise.
+    Spacing: LDM/VideoCrafter "uniform" (`make_ddim_timesteps`: 0, k, 2k, ... shifted by +1, so [1, 201, ..., 801]
+    for 5 of 1000) for the standard schedule, "trailing" (ending at T-1) with zero-terminal-SNR, where the last step
+    must start from pure noise. The last step's "previous" alpha_bar and scale are those of index 0
+    (alphas_cumprod[0], not 1), as VideoCrafter's `ddim_alphas_prev` / `ddim_scale_arr_prev`.
     """
 
     def __init__(self, diffusion: Diffusion, steps: int = 50, eta: float = 0.0):
@@ -27,6 +29,59 @@ class DDIMSampler:
         else:
             ts = (torch.arange(0, n, n // steps)[:steps] + 1).clamp(max=n - 1).flip(0)
         self.timesteps = ts  # descending
+        # previous timestep of each step in sampling order: the next one sampled, and index 0 after the last
+        self.prev_timesteps = torch.cat([ts[1:], torch.zeros(1, dtype=torch.long)])
+
+    def schedule_arrays(self) -> dict[str, torch.Tensor]:
+        """VideoCrafter's DDIMSampler arrays (`ddim_alphas`, ..., `ddim_scale_arr_prev`), float64, in DDIM-index
+        (ascending timestep) order; the scale arrays are all ones without use_scale."""
+        d, ts, prev = self.diffusion, self.timesteps.flip(0), self.prev_timesteps.flip(0)
+        ab = d.alphas_cumprod.float().double()  # the float32 checkpoint buffer
+        a, a_prev = ab[ts], ab[prev]
+        sigmas = self.eta * ((1 - a_prev) / (1 - a) * (1 - a / a_prev)).sqrt()
+        scale = (
+            torch.ones(d.num_timesteps, dtype=torch.float64) if d.scale_arr is None else d.scale_arr.double()
+        )
+        return {
+            "ddim_timesteps": ts,
+            "ddim_alphas": a,
+            "ddim_alphas_prev": a_prev,
+            "ddim_sigmas": sigmas,
+            "ddim_sqrt_one_minus_alphas": (1 - a.float()).sqrt().double(),
+            "ddim_scale_arr": scale[ts],
+            "ddim_scale_arr_prev": scale[prev],
+        }
+
+    def step(
+        self,
+        out: torch.Tensor,
+        x: torch.Tensor,
+        i: int,
+        *,
+        generator: torch.Generator | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One DDIM update at the i-th timestep in sampling order, from the (guided) network output `out`.
+
+        Returns (x_prev, pred_x0). With use_scale (VideoCrafter): pred_x0 is divided by scale_arr[t] and
+        x_prev = sqrt(a_prev) * scale_arr[t_prev] * pred_x0 + sqrt(1 - a_prev - sigma^2) * eps + sigma * z.
+        """
+        d = self.diffusion
+        t, t_prev = int(self.timesteps[i]), int(self.prev_timesteps[i])
+        tt = torch.full((x.shape[0],), t, dtype=torch.long)
+        eps, x0 = d.predict_eps_x0(out, x, tt)
+        a, a_prev = float(d.alphas_cumprod[t]), float(d.alphas_cumprod[t_prev])
+        sigma = self.eta * ((1 - a_prev) / (1 - a) * (1 - a / a_prev)) ** 0.5
+        if d.scale_arr is None:
+            x_prev = a_prev**0.5 * x0 + max(1 - a_prev - sigma**2, 0.0) ** 0.5 * eps
+        else:
+            x0 = x0 / d.scale_at(t)
+            x_prev = a_prev**0.5 * d.scale_at(t_prev) * x0 + max(1 - a_prev - sigma**2, 0.0) ** 0.5 * eps
+        if sigma > 0:
+            if generator is None:
+                raise ValueError(f"DDIMSampler eta={self.eta} > 0 needs a generator for the step noise")
+            noise = torch.randn(x.shape, generator=generator, device=generator.device).to(x.device)
+            x_prev = x_prev + sigma * noise
+        return x_prev, x0
 
     def _model_out(self, model, x, t, cond, uncond, guidance_scale):
         b = x.shape[0]
@@ -54,23 +109,21 @@ class DDIMSampler:
         *,
         generator: torch.Generator,
         progress: bool = False,
+        x_T: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Latents `shape` = [B,C,T,h,w] from noise. cond: {"context", "fps", "image_context"?};
+        """Latents `shape` = [B,C,T,h,w] from noise (or from `x_T`). cond: {"context", "fps", "image_context"?};
         uncond: {"context": empty-caption encoding, "image_context"?: defaults to zeros}."""
-        d = self.diffusion
         device = cond["context"].device
-        x = torch.randn(shape, generator=generator, device=generator.device, dtype=torch.float32).to(device)
-        ab = d.alphas_cumprod
+        if x_T is None:
+            x = torch.randn(shape, generator=generator, device=generator.device, dtype=torch.float32).to(
+                device
+            )
+        else:
+            if tuple(x_T.shape) != tuple(shape):
+                raise ValueError(f"DDIMSampler.sample x_T shape {tuple(x_T.shape)} != shape {tuple(shape)}")
+            x = x_T.to(device=device, dtype=torch.float32)
         ts = self.timesteps.tolist()
         for i, t in enumerate(tqdm(ts, desc="ddim", disable=not progress)):
             out = self._model_out(model, x, t, cond, uncond, guidance_scale)
-            tt = torch.full((shape[0],), t, dtype=torch.long)
-            eps, x0 = d.predict_eps_x0(out, x, tt)
-            a = float(ab[t])
-            a_prev = float(ab[ts[i + 1]]) if i + 1 < len(ts) else float(ab[0])
-            sigma = self.eta * ((1 - a_prev) / (1 - a) * (1 - a / a_prev)) ** 0.5
-            x = a_prev**0.5 * x0 + max(1 - a_prev - sigma**2, 0.0) ** 0.5 * eps
-            if sigma > 0:
-                noise = torch.randn(shape, generator=generator, device=generator.device).to(device)
-                x = x + sigma * noise
+            x, _ = self.step(out, x, i, generator=generator)
         return x

@@ -1,7 +1,10 @@
-"""Diffusion: the VideoCrafter/LDM linear noise schedule, q_sample, eps/v targets and the training loss with CFG dropout."""
+"""Diffusion: the VideoCrafter/LDM linear noise schedule, signal scaling, q_sample, eps/v targets and the CFG-dropout loss."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -17,6 +20,33 @@ def rescale_zero_terminal_snr(alphas_cumprod: torch.Tensor) -> torch.Tensor:
     s0, st = s[0].clone(), s[-1].clone()
     s = (s - st) * s0 / (s0 - st)
     return s**2
+
+
+@dataclass(frozen=True)
+class SignalScale:
+    """VideoCrafter's signal scaling (`use_scale` in the VC2 T2V / VC1 I2V YAMLs): x0 is multiplied by scale_arr[t]."""
+
+    use_scale: bool = False  # on: q_sample uses scale_arr[t] * x0 and DDIM un-/re-scales pred_x0
+    scale_a: float = 1.0  # scale at t = 0, start of the linear ramp
+    scale_b: float = 0.7  # scale at t = mid_step - 1 and after (VC2 T2V / VC1 I2V: 0.7; the 1024 model: 0.3)
+    mid_step: int = 400  # length of the linear ramp from scale_a to scale_b
+    fix_scale_bug: bool = False  # False: VideoCrafter's length num_timesteps + mid_step; True: num_timesteps
+
+    def __post_init__(self) -> None:
+        if not self.scale_a > 0 or not self.scale_b > 0:
+            raise ValueError(f"scale_a={self.scale_a} and scale_b={self.scale_b} must both be > 0")
+        if self.mid_step < 1:
+            raise ValueError(f"mid_step={self.mid_step} must be >= 1")
+
+    def build(self, num_timesteps: int) -> torch.Tensor:
+        """scale_arr exactly as VideoCrafter's ddpm3d.py: concat(linspace(a, b, mid_step), full(n, b)), float32."""
+        if self.mid_step > num_timesteps:
+            raise ValueError(f"mid_step={self.mid_step} must be <= num_timesteps={num_timesteps}")
+        scale_step = num_timesteps - self.mid_step if self.fix_scale_bug else num_timesteps
+        arr = np.concatenate(
+            (np.linspace(self.scale_a, self.scale_b, self.mid_step), np.full(scale_step, self.scale_b))
+        )
+        return torch.tensor(arr, dtype=torch.float32)
 
 
 def _expand(v: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -35,6 +65,11 @@ class Diffusion:
         num_timesteps: int = 1000,
         beta_start: float = 0.00085,
         beta_end: float = 0.012,
+        use_scale: bool = False,
+        scale_a: float = 1.0,
+        scale_b: float = 0.7,
+        mid_step: int = 400,
+        fix_scale_bug: bool = False,
     ):
         if prediction not in ("eps", "v"):
             raise ValueError(f"Diffusion prediction={prediction!r}: use 'eps' or 'v'")
@@ -49,15 +84,32 @@ class Diffusion:
         self.alphas_cumprod = alphas_cumprod  # float64 [T]
         self.sqrt_ab = alphas_cumprod.sqrt()
         self.sqrt_1mab = (1.0 - alphas_cumprod).sqrt()
+        self.signal_scale = SignalScale(use_scale, scale_a, scale_b, mid_step, fix_scale_bug)
+        # float32 [T + mid_step] (or [T] with fix_scale_bug) when use_scale, else None
+        self.scale_arr: torch.Tensor | None = self.signal_scale.build(num_timesteps) if use_scale else None
+
+    def scale_at(self, t: int) -> float:
+        """scale_arr[t] as a Python float (1.0 without use_scale)."""
+        return 1.0 if self.scale_arr is None else float(self.scale_arr[t])
 
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        """x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) noise."""
+        """x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) noise; x0 is times scale_arr[t] with use_scale."""
+        if (
+            self.scale_arr is not None
+        ):  # VideoCrafter's order: sqrt_ab[t] * x0 * scale_arr[t] + sqrt_1mab[t] * noise
+            return (
+                _expand(self.sqrt_ab, t, x0) * x0.float() * _expand(self.scale_arr, t, x0)
+                + _expand(self.sqrt_1mab, t, x0) * noise.float()
+            ).to(x0.dtype)
         return (
             _expand(self.sqrt_ab, t, x0) * x0.float() + _expand(self.sqrt_1mab, t, x0) * noise.float()
         ).to(x0.dtype)
 
     def target(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        """What the network regresses: eps, or v = sqrt(ab) eps - sqrt(1-ab) x0."""
+        """What the network regresses: eps, or v = sqrt(ab) eps - sqrt(1-ab) x0.
+
+        With use_scale, v uses the unscaled x0, as VideoCrafter/DynamiCrafter's p_losses (get_v(x_start, ...)) do.
+        """
         if self.prediction == "eps":
             return noise.float()
         return _expand(self.sqrt_ab, t, x0) * noise.float() - _expand(self.sqrt_1mab, t, x0) * x0.float()
@@ -65,7 +117,8 @@ class Diffusion:
     def predict_eps_x0(
         self, out: torch.Tensor, xt: torch.Tensor, t: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(eps, x0) from the network output at x_t."""
+        """(eps, x0) from the network output at x_t. With use_scale the x0 is still the *scaled* one
+        (scale_arr[t] * x0); the DDIM step divides by scale_arr[t] as VideoCrafter does."""
         a, s = _expand(self.sqrt_ab, t, xt), _expand(self.sqrt_1mab, t, xt)
         out, xt = out.float(), xt.float()
         if self.prediction == "eps":
