@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint format clean bench
+.PHONY: install demo test test-deps lint format clean bench
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -34,7 +34,19 @@ format: $(STAMP)
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-test: lint
+# tests/pipelines/job/test_ray_submit.py runs `ray up/submit/down` over SSH on 127.0.0.1: sshd and rsync.
+test-deps:
+	@if ! command -v rsync >/dev/null 2>&1 || { ! command -v sshd >/dev/null 2>&1 && [ ! -x /usr/sbin/sshd ]; }; then \
+		if [ "$$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then \
+			echo "installing openssh-server and rsync (the ray submit test needs them)"; \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssh-server rsync >/dev/null; \
+		else \
+			echo "the tests need sshd and rsync: run 'sudo apt-get install -y openssh-server rsync', then make test" >&2; \
+			exit 1; \
+		fi; \
+	fi
+
+test: lint test-deps
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest tests $(PYTEST_ARGS)
 
 bench: $(STAMP)
