@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import time
 
@@ -45,6 +46,7 @@ def init_ray(cfg: RayConfig) -> bool:
         dashboard_host="127.0.0.1",
         runtime_env=runtime_env,
         log_to_driver=cfg.worker_logs,
+        logging_level=logging.WARNING,  # our own line below says it started; no INFO banner
     )
     print(f"encode: started an embedded Ray ({ray.cluster_resources().get('CPU', 0):.0f} CPUs)", flush=True)
     return True
