@@ -87,3 +87,34 @@ def test_fps_default_is_16(weights: dict[str, torch.Tensor]) -> None:
     t = torch.tensor([10, 900])
     assert torch.equal(unet.embed(t), unet.embed(t, torch.full_like(t, 16)))
     assert torch.equal(unet.embed(t, 16), unet.embed(t, torch.full_like(t, 16)))
+
+
+@pytest.mark.parametrize(
+    "name,keys_file",
+    [
+        ("vc2_t2v_tiny", "vc2_t2v_unet_keys.txt"),
+        ("vc1_t2v_tiny", "vc1_t2v_unet_keys.txt"),
+        ("vc1_i2v_tiny", "vc1_i2v_keys.txt"),
+    ],
+)
+def test_full_size_models_have_videocrafters_keys_and_shapes(name, keys_file):
+    """The real-size U-Nets (and the I2V Resampler), built on the meta device from the real unet_config.params
+    recorded in each fixture's header, have exactly the keys and shapes of VideoCrafter's released models."""
+    import json
+
+    header = (FIX / name / "config.yaml").read_text().split("# Real unet_config.params: ", 1)[1]
+    params = json.loads(header.split("\n", 1)[0])
+    want = {}
+    for line in (FIX / "full_size_keys" / keys_file).read_text().splitlines():
+        key, shape = line.split("\t")
+        want[key] = tuple(int(v) for v in shape.strip("()").split(",") if v.strip())
+    with torch.device("meta"):
+        got = {
+            UNET + k: tuple(v.shape)
+            for k, v in VCUNet(VCUNetConfig.from_videocrafter(params)).state_dict().items()
+        }
+        if any(k.startswith(IPM) for k in want):
+            got.update({IPM + k: tuple(v.shape) for k, v in VCResampler().state_dict().items()})
+    assert sorted(set(want) - set(got)) == [] and sorted(set(got) - set(want)) == []
+    assert {k: got[k] for k in want if got[k] != want[k]} == {}
+    assert sum(torch.Size(s).numel() for s in want.values()) > 1_000_000_000  # real size: >1B parameters
