@@ -23,6 +23,10 @@ COMMANDS = {
     ),
     "stats": ("shards.stats", "dataset statistics from shard indexes (--deep opens every tar)"),
     "train": ("trainer.main", "train (use `deepspeed trainer/main.py` for several ranks)"),
+    "convert": (
+        "trainer.convert",
+        "convert VideoCrafter checkpoints to and from latentcrafter's safetensors",
+    ),
 }
 
 
