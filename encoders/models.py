@@ -21,10 +21,12 @@ from encoders.tiny import (  # noqa: E402  (re-exported: `from encoders.models i
     write_tiny_models,
     write_tiny_models_atomic,
 )
+from encoders.videocrafter import videocrafter_preprocess  # noqa: E402
 
 __all__ = ["ModelsConfig", "FrozenEncoders", "write_tiny_models", "main"]
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+IMAGE_PREPROCESS = ("videocrafter", "clip")
 
 
 @dataclass(kw_only=True)
@@ -38,6 +40,9 @@ class ModelsConfig:
     dtype: str = "fp32"  # fp32 | fp16 | bf16 (fp16/bf16 only on cuda)
     image_tokens: bool = True  # compute image tokens for images and each video's first frame
     frame_batch_size: int = 16  # frames per VAE forward
+    # CLIP image preprocessing: "videocrafter" = FrozenOpenCLIPImageEmbedderV2's (kornia resize of the whole
+    # image to SxS, bicubic + Gaussian antialias, no crop); "clip" = shortest side to S, center crop.
+    image_preprocess: str = "videocrafter"
 
     def __post_init__(self):
         if not self.model_dir:
@@ -50,6 +55,10 @@ class ModelsConfig:
             raise ValueError(f"models.device={self.device!r}: use auto, cpu, cuda or cuda:N")
         if self.dtype != "fp32" and self.device == "cpu":
             raise ValueError(f"models.dtype={self.dtype!r} needs a GPU; use dtype: fp32 with device: cpu")
+        if self.image_preprocess not in IMAGE_PREPROCESS:
+            raise ValueError(
+                f"models.image_preprocess={self.image_preprocess!r}: use one of {', '.join(IMAGE_PREPROCESS)}"
+            )
         if int(self.frame_batch_size) < 1:
             raise ValueError(f"models.frame_batch_size={self.frame_batch_size}: must be >= 1")
 
@@ -269,9 +278,20 @@ class FrozenEncoders:
 
     # ---- image --------------------------------------------------------------------------------------
     def preprocess_images(self, images: np.ndarray) -> torch.Tensor:
-        """uint8 [N,H,W,3] -> normalized [N,3,S,S]: shortest side to S (bicubic), center crop, CLIP mean/std."""
+        """uint8 [N,H,W,3] -> normalized [N,3,S,S], as models.image_preprocess says."""
         x = torch.from_numpy(np.ascontiguousarray(images)).to(self.device).permute(0, 3, 1, 2).float() / 255
+        return self._preprocess01(x)
+
+    def _preprocess01(self, x: torch.Tensor) -> torch.Tensor:
+        """float [N,3,H,W] in [0,1] -> the image encoder's normalized input [N,3,S,S] in self.dtype.
+
+        videocrafter: to [-1,1] as VideoCrafter's data ((x - 0.5) * 2), then videocrafter_preprocess.
+        clip: shortest side to S (bicubic, antialiased), center crop, CLIP mean/std.
+        """
         size, crop = self.image_prep["size"], self.image_prep["crop"]
+        if self.config.image_preprocess == "videocrafter":
+            x = videocrafter_preprocess((x - 0.5) * 2, crop, self.image_prep["mean"], self.image_prep["std"])
+            return x.to(self.dtype)
         h, w = x.shape[-2:]
         scale = size / min(h, w)
         nh, nw = max(crop, round(h * scale)), max(crop, round(w * scale))
@@ -284,6 +304,17 @@ class FrozenEncoders:
         mean = torch.tensor(self.image_prep["mean"], device=self.device).view(1, 3, 1, 1)
         std = torch.tensor(self.image_prep["std"], device=self.device).view(1, 3, 1, 1)
         return ((x - mean) / std).to(self.dtype)
+
+    @torch.inference_mode()
+    def null_image_tokens(self) -> np.ndarray:
+        """float16 [1,L,Dv]: tokens of VideoCrafter's unconditional image, torch.zeros(1,3,S,S) in [-1,1]
+        (mid-grey; scripts/evaluation/funcs.py), through the same preprocessing as encode_images."""
+        if self.image_encoder is None:
+            raise RuntimeError("image encoder not loaded: set models.image_tokens: true")
+        crop = self.image_prep["crop"]
+        grey = torch.full((1, 3, crop, crop), 0.5, device=self.device)  # 0 in [-1,1]
+        out = self.image_encoder(pixel_values=self._preprocess01(grey))
+        return out.last_hidden_state.to(torch.float16).cpu().numpy()
 
     @torch.inference_mode()
     def encode_images(self, images: np.ndarray) -> dict:

@@ -173,15 +173,9 @@ def read_frozen(ckpt_dir: str) -> dict[str, torch.Tensor]:
 
 
 def export_safetensors(state: dict[str, torch.Tensor], path: str, metadata: dict | None = None) -> str:
-    """Write an inference export atomically (temp + rename)."""
-    from safetensors.torch import save_file
+    """Write an inference export atomically (temp + rename), streaming tensor by tensor."""
+    from trainer.safetensors_io import save_safetensors
 
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    save_file(
-        {k: v.contiguous() for k, v in state.items()},
-        tmp,
-        metadata={k: str(v) for k, v in (metadata or {}).items()},
-    )
-    os.replace(tmp, path)
+    save_safetensors(state, path, {k: str(v) for k, v in (metadata or {}).items()})
     return path

@@ -147,35 +147,82 @@ class PhaseConfig:
 class ModelConfig:
     """The trained U-Net and the frozen encoders it pairs with."""
 
-    unet: str = "tiny"  # trainer.model.UNET_CONFIGS preset: tiny | vc-512
+    # The U-Net: a latentcrafter preset (tiny | vc-512: our layout, initialised by SD 2.1 inflation) or a
+    # released VideoCrafter model (vc2-t2v-512 | vc1-t2v-512 | vc1-t2v-1024 | vc1-i2v-512, and the
+    # -tiny test sizes of each), whose forward and checkpoints are VideoCrafter's own (docs/design.md).
+    unet: str = "tiny"
     # SD 2.1 diffusers folder (vae/, text_encoder/, tokenizer/, unet/): the empty caption and preview
-    # prompts are encoded with its text encoder, previews decoded with its VAE.
+    # prompts are encoded with its text encoder, previews decoded with its VAE. For a VideoCrafter
+    # model.ckpt, `latentcrafter convert --extract-encoders DIR` writes one.
     model_dir: str
-    init_from_sd: bool = True  # inflate model_dir/unet into the spatial layers at the start of a run
-    init_checkpoint: str | None = None  # or start from a consolidated .safetensors (overrides init_from_sd)
-    image_cross_attention: bool = False  # I2V: decoupled image cross-attention on batch image_tokens
+    init_from_sd: bool = True  # inflate model_dir/unet into the spatial layers (latentcrafter presets only)
+    # Or start from weights (overrides init_from_sd): a trainer export, a `latentcrafter convert` file, or
+    # (VideoCrafter presets) a VideoCrafter model.ckpt / VideoCrafter-layout .safetensors.
+    init_checkpoint: str | None = None
+    # I2V: image tokens through a Resampler into cross-attention (VideoCrafter presets: set by the preset)
+    image_cross_attention: bool = False
     prediction: str = "eps"  # eps | v
     gradient_checkpointing: bool = False
-    # VideoCrafter's signal scaling (VC2 T2V, VC1 I2V: use_scale with scale_b 0.7; the 1024 model: 0.3 and
-    # fix_scale_bug): q_sample scales x0 by scale_arr[t], DDIM un-/re-scales pred_x0 (trainer.diffusion).
-    use_scale: bool = False
-    scale_a: float = 1.0  # scale at t = 0
-    scale_b: float = 0.7  # scale from t = mid_step - 1 on
-    mid_step: int = 400  # length of the linear ramp from scale_a to scale_b
-    fix_scale_bug: bool = False  # VideoCrafter's fix_scale_bug (the 1024 model's scale_arr of length 1000)
+    # The fps condition: null = each video's sample_fps from the shards (images: the loader's image_fps),
+    # rounded to an integer for VideoCrafter presets (VideoCrafter passes integers); a number = that fps for
+    # every sample (VideoCrafter's scripts use 28 for VC2, 8 for VC1 I2V; its default is 16).
+    fps: float | None = None
+    # VideoCrafter's signal scaling: q_sample scales x0 by scale_arr[t], DDIM un-/re-scales pred_x0
+    # (trainer.diffusion). null = the preset's value: a VideoCrafter preset's YAML (VC2 T2V and VC1 I2V:
+    # use_scale with scale_b 0.7; the 1024 model: 0.3 and fix_scale_bug), off for latentcrafter presets.
+    use_scale: bool | None = None
+    scale_a: float | None = None  # scale at t = 0
+    scale_b: float | None = None  # scale from t = mid_step - 1 on
+    mid_step: int | None = None  # length of the linear ramp from scale_a to scale_b
+    fix_scale_bug: bool | None = (
+        None  # VideoCrafter's fix_scale_bug (the 1024 model's scale_arr of length 1000)
+    )
 
     def __post_init__(self):
+        from trainer.model.config import UNET_CONFIGS
+        from trainer.model.presets import VC_PRESETS
+
+        if self.unet not in UNET_CONFIGS and self.unet not in VC_PRESETS:
+            raise ValueError(
+                f"model.unet={self.unet!r}: choose a latentcrafter preset ({', '.join(sorted(UNET_CONFIGS))}) "
+                f"or a VideoCrafter one ({', '.join(VC_PRESETS)})"
+            )
         if self.prediction not in ("eps", "v"):
             raise ValueError(f"model.prediction must be eps or v, got {self.prediction!r}")
+        if self.fps is not None and not float(self.fps) > 0:
+            raise ValueError(f"model.fps={self.fps}: must be > 0, or null for the shards' sample_fps")
+        preset = self.videocrafter_preset
+        if preset is not None:
+            if self.image_cross_attention and not preset.image_to_video:
+                raise ValueError(
+                    f"model.image_cross_attention: {self.unet} is a text-to-video model; use vc1-i2v-512 for I2V"
+                )
+            self.image_cross_attention = preset.image_to_video
+            if self.prediction != preset.diffusion["parameterization"]:
+                raise ValueError(
+                    f"model.prediction={self.prediction!r} but {self.unet} predicts "
+                    f"{preset.diffusion['parameterization']!r}"
+                )
         try:
             SignalScale(**self.signal_scale())
         except ValueError as exc:
             raise ValueError(f"model.{exc}") from None
 
+    @property
+    def videocrafter_preset(self):
+        """The VCPreset when `unet` names a VideoCrafter model, else None."""
+        from trainer.model.presets import VC_PRESETS
+
+        return VC_PRESETS.get(self.unet)
+
     def signal_scale(self) -> dict:
-        """The signal-scaling options as trainer.diffusion.Diffusion keyword arguments."""
+        """The signal-scaling options as trainer.diffusion.Diffusion keyword arguments (nulls resolved)."""
+        preset = self.videocrafter_preset
+        defaults = dict(preset.diffusion) if preset is not None else dataclasses.asdict(SignalScale())
         names = ("use_scale", "scale_a", "scale_b", "mid_step", "fix_scale_bug")
-        return {name: getattr(self, name) for name in names}
+        out = {n: defaults[n] if getattr(self, n) is None else getattr(self, n) for n in names}
+        out["use_scale"] = bool(out["use_scale"])
+        return out
 
 
 @dataclass(kw_only=True)

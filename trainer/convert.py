@@ -3,93 +3,33 @@
 from __future__ import annotations
 
 import argparse
-import json
-import pickle
 import sys
-import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from trainer.model.videocrafter import VCResampler, VCUNet, VCUNetConfig
-
-FORMAT = "latentcrafter-videocrafter"
-UNET, IPM = "model.diffusion_model.", "image_proj_model."  # VideoCrafter's prefixes
-OUR_UNET, OUR_IPM = "unet.", "image_proj."  # ours
-# VideoCrafter's own defaults (lvdm/models/ddpm3d.py: DDPM.__init__ and LatentDiffusion.__init__)
-DIFFUSION_DEFAULTS: dict[str, Any] = {
-    "timesteps": 1000,
-    "linear_start": 1e-4,
-    "linear_end": 2e-2,
-    "parameterization": "eps",
-    "use_scale": False,
-    "scale_a": 1,
-    "scale_b": 0.3,
-    "mid_step": 400,
-    "fix_scale_bug": False,
-}
-
-
-def read_videocrafter(src: str | Path) -> dict[str, torch.Tensor]:
-    """The state dict of a VideoCrafter ``model.ckpt`` (Lightning, ``state_dict`` inside) or ``.safetensors``.
-
-    Pickles are only ever opened with ``weights_only=True`` (memory-mapped where the file allows it); one that
-    needs anything else is refused with an error, never loaded unsafely.
-    """
-    src = Path(src)
-    if not src.is_file():
-        raise FileNotFoundError(f"{src}: no such checkpoint file")
-    if src.suffix == ".safetensors":
-        if _metadata(src).get("format") == FORMAT:
-            raise ValueError(f"{src} is already a latentcrafter file; convert it back with --to videocrafter")
-        return load_file(str(src))
-    try:
-        obj = torch.load(src, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(src))
-    except pickle.UnpicklingError as e:
-        raise ValueError(
-            f"{src}: the pickle holds objects other than tensors and plain containers, and it will not be loaded "
-            f"unsafely (weights_only=False can run arbitrary code). Re-save just its state_dict from a trusted "
-            f"environment, or convert it to .safetensors. ({str(e).splitlines()[0]})"
-        ) from e
-    if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
-        obj = obj["state_dict"]
-    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ValueError(
-            f"{src}: not a VideoCrafter checkpoint (expected a dict with a 'state_dict' of tensors)"
-        )
-    return dict(obj)
-
-
-def diffusion_params(model_params: Mapping[str, Any]) -> dict[str, Any]:
-    """The diffusion settings of a VideoCrafter YAML's ``model.params``, VideoCrafter's defaults where absent."""
-    return {k: model_params.get(k, d) for k, d in DIFFUSION_DEFAULTS.items()}
-
-
-def _check(got: Mapping[str, torch.Tensor], module: torch.nn.Module, prefix: str, what: str) -> None:
-    want = module.state_dict()
-    missing = [prefix + k for k in want if k not in got]
-    unexpected = [prefix + k for k in got if k not in want]
-    shapes = [
-        f"{prefix}{k}: {tuple(v.shape)} in the checkpoint, {tuple(want[k].shape)} for the config"
-        for k, v in got.items()
-        if k in want and v.shape != want[k].shape
-    ]
-    problems = [
-        f"{name} ({len(keys)}): {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}"
-        for name, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("mis-shaped", shapes))
-        if keys
-    ]
-    if problems:
-        raise ValueError(
-            f"the checkpoint's {what} does not match the config; "
-            + "; ".join(problems)
-            + ". Check that --videocrafter-config is the YAML this checkpoint was trained with."
-        )
+from trainer.model.presets import DIFFUSION_DEFAULTS, diffusion_params, get_preset
+from trainer.model.pretrained import (
+    FORMAT,
+    IPM,
+    OUR_IPM,
+    OUR_UNET,
+    UNET,
+    check_state,
+    decode_metadata,
+    file_metadata,
+    infer_preset,
+    load_pretrained,
+    meta_model,
+    model_metadata,
+    read_videocrafter,
+    split_videocrafter,
+)
+from trainer.safetensors_io import save_safetensors
 
 
 def to_latentcrafter(
@@ -109,45 +49,35 @@ def to_latentcrafter(
     back keeps those only when the source checkpoint is given (``to_videocrafter(frozen=...)``).
     Tensors are passed through as they are (same dtype, no copies).
     """
-    unet_sd = {k.removeprefix(UNET): v for k, v in state.items() if k.startswith(UNET)}
-    ipm_sd = {k.removeprefix(IPM): v for k, v in state.items() if k.startswith(IPM)}
-    if not unet_sd:
-        raise ValueError(f"no {UNET}* keys: not a VideoCrafter checkpoint")
-    with torch.device("meta"):
-        _check(unet_sd, VCUNet(VCUNetConfig.from_videocrafter(unet_params)), UNET, "U-Net")
-        if image_proj_params is None and ipm_sd:
-            raise ValueError(
-                f"unexpected keys {IPM}* (an I2V checkpoint) but no image_proj_params were given; "
-                "use the I2V YAML or pass image_proj_params={} for VideoCrafter's Resampler sizes"
-            )
-        if image_proj_params is not None:
-            _check(ipm_sd, VCResampler(**image_proj_params), IPM, "image_proj_model")
-    tensors = {OUR_UNET + k: v for k, v in unet_sd.items()}
-    tensors.update({OUR_IPM + k: v for k, v in ipm_sd.items()})
-    metadata = {
-        "format": FORMAT,
-        "unet_params": json.dumps(dict(unet_params), sort_keys=True),
-        "diffusion": json.dumps(diffusion_params(diffusion), sort_keys=True),
-        "source": source,
-    }
-    if image_proj_params is not None:
-        metadata["image_proj_params"] = json.dumps(dict(image_proj_params), sort_keys=True)
-    return tensors, metadata
-
-
-def _metadata(path: Path) -> dict[str, str]:
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return dict(f.metadata() or {})
-    except SafetensorError as e:
-        raise ValueError(f"{path}: not a safetensors file ({e})") from e
-
-
-def _check_format(metadata: Mapping[str, str] | None, where: str) -> None:
-    if (metadata or {}).get("format") != FORMAT:
+    tensors = split_videocrafter(state)
+    if image_proj_params is None and any(k.startswith(OUR_IPM) for k in tensors):
         raise ValueError(
-            f"{where}: not a latentcrafter file (metadata format != {FORMAT!r}); convert it first"
+            f"unexpected keys {IPM}* (an I2V checkpoint) but no image_proj_params were given; "
+            "use the I2V YAML or pass image_proj_params={} for VideoCrafter's Resampler sizes"
         )
+    model = meta_model(unet_params, image_proj_params)
+    check_state(
+        to_videocrafter_names(tensors),
+        to_videocrafter_names(model.state_dict()),
+        hint="Check that --videocrafter-config is the YAML this checkpoint was trained with.",
+    )
+    return tensors, model_metadata(model, diffusion, source=source)
+
+
+def to_videocrafter_names(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our names back to VideoCrafter's (``unet.*`` -> ``model.diffusion_model.*``, ``image_proj.*`` ->
+    ``image_proj_model.*``); any other key is an error."""
+    out: dict[str, torch.Tensor] = {}
+    for k, v in tensors.items():
+        if k.startswith(OUR_UNET):
+            out[UNET + k.removeprefix(OUR_UNET)] = v
+        elif k.startswith(OUR_IPM):
+            out[IPM + k.removeprefix(OUR_IPM)] = v
+        else:
+            raise ValueError(
+                f"unexpected key {k!r} in a latentcrafter file (only {OUR_UNET}* and {OUR_IPM}*)"
+            )
+    return out
 
 
 def to_videocrafter(
@@ -161,17 +91,8 @@ def to_videocrafter(
     With ``frozen`` (the source checkpoint), its key order is kept and its U-Net / image_proj tensors are replaced
     by ours, so VideoCrafter -> ours -> VideoCrafter gives the same keys and bit-identical tensors.
     """
-    _check_format(metadata, "to_videocrafter")
-    ours: dict[str, torch.Tensor] = {}
-    for k, v in tensors.items():
-        if k.startswith(OUR_UNET):
-            ours[UNET + k.removeprefix(OUR_UNET)] = v
-        elif k.startswith(OUR_IPM):
-            ours[IPM + k.removeprefix(OUR_IPM)] = v
-        else:
-            raise ValueError(
-                f"unexpected key {k!r} in a latentcrafter file (only {OUR_UNET}* and {OUR_IPM}*)"
-            )
+    decode_metadata(metadata, "to_videocrafter")
+    ours = to_videocrafter_names(tensors)
     out: dict[str, torch.Tensor] = {}
     for k, v in (frozen or {}).items():
         if k.startswith((UNET, IPM)):
@@ -183,40 +104,6 @@ def to_videocrafter(
     for k, v in ours.items():
         out.setdefault(k, v)
     return out
-
-
-def load_pretrained(
-    path: str | Path, *, dtype: torch.dtype | None = None
-) -> tuple[VCUNet, VCResampler | None, dict[str, Any]]:
-    """(U-Net, Resampler or None, metadata with JSON fields decoded) from one of our files, loaded strictly.
-
-    Modules are built on the meta device and take the file's tensors (cast to ``dtype`` if given) without a
-    second copy.
-    """
-    path = Path(path)
-    raw = _metadata(path)
-    _check_format(raw, str(path))
-    meta: dict[str, Any] = dict(raw)
-    for k in ("unet_params", "image_proj_params", "diffusion"):
-        if k in meta:
-            meta[k] = json.loads(meta[k])
-    tensors = load_file(str(path))
-    if dtype is not None:
-        tensors = {k: v.to(dtype) for k, v in tensors.items()}
-    with torch.device("meta"):
-        unet = VCUNet(VCUNetConfig.from_videocrafter(meta["unet_params"]))
-        proj = VCResampler(**meta["image_proj_params"]) if "image_proj_params" in meta else None
-    unet.load_state_dict(
-        {k.removeprefix(OUR_UNET): v for k, v in tensors.items() if k.startswith(OUR_UNET)},
-        strict=True,
-        assign=True,
-    )
-    ipm = {k.removeprefix(OUR_IPM): v for k, v in tensors.items() if k.startswith(OUR_IPM)}
-    if proj is not None:
-        proj.load_state_dict(ipm, strict=True, assign=True)
-    elif ipm:
-        raise ValueError(f"{path}: has {OUR_IPM}* tensors but no image_proj_params metadata")
-    return unet.eval(), None if proj is None else proj.eval(), meta
 
 
 def _read_yaml(path: Path) -> tuple[dict[str, Any], dict[str, Any] | None, dict[str, Any]]:
@@ -247,37 +134,63 @@ def _write_atomic(dst: Path, write: Any) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def _params_for(state: Mapping[str, torch.Tensor], config: str | None, preset: str | None) -> tuple:
+    """(unet params, Resampler params or None, diffusion settings, preset name or None) for the source."""
+    if config:
+        unet_params, ipm_params, diffusion = _read_yaml(Path(config))
+        if ipm_params is None and any(k.startswith(IPM) for k in state):
+            ipm_params = {}  # VideoCrafter hard-codes the I2V Resampler; VCResampler's defaults are its sizes
+        return unet_params, ipm_params, diffusion, None
+    # No YAML: heads, resolutions and temporal_length cannot be read off the weights, so the shapes pick
+    # one of the released models' presets (or --preset names it).
+    name = preset or infer_preset(split_videocrafter(state))
+    p = get_preset(name)
+    return dict(p.unet), None if p.image_proj is None else dict(p.image_proj), dict(p.diffusion), name
+
+
 def convert(args: argparse.Namespace) -> str:
-    """Run one conversion; returns the summary line."""
+    """Run one conversion; returns the summary line(s)."""
     src, dst = Path(args.src), Path(args.out)
     if not src.is_file():
         raise FileNotFoundError(f"{src}: no such checkpoint file")
     if args.to == "latentcrafter":
         if args.frozen_from:
             raise ValueError("--frozen-from only applies to --to videocrafter")
-        if not args.videocrafter_config:
-            raise ValueError(
-                "--videocrafter-config YAML is required: attention heads, resolutions and temporal_length cannot "
-                "be read off the weights; pass the VideoCrafter YAML the checkpoint was trained with "
-                "(e.g. configs/inference_t2v_512_v2.0.yaml)"
-            )
-        unet_params, ipm_params, diffusion = _read_yaml(Path(args.videocrafter_config))
+        if args.videocrafter_config and args.preset:
+            raise ValueError("give --videocrafter-config or --preset, not both")
         state = read_videocrafter(src)
-        if ipm_params is None and any(k.startswith(IPM) for k in state):
-            ipm_params = {}  # VideoCrafter hard-codes the I2V Resampler; VCResampler's defaults are its sizes
+        unet_params, ipm_params, diffusion, preset = _params_for(state, args.videocrafter_config, args.preset)
         tensors, metadata = to_latentcrafter(
             state, unet_params, image_proj_params=ipm_params, diffusion=diffusion, source=src.name
         )
         skipped = len(state) - len(tensors)
-        del state
-        _write_atomic(dst, lambda p: save_file(tensors, str(p), metadata=metadata))
-        return f"{src} -> {dst}: {_summary(tensors)} (U-Net + image_proj); {skipped} frozen/buffer tensors left out"
-    if args.videocrafter_config:
-        raise ValueError(
-            "--videocrafter-config only applies to --to latentcrafter (our file carries its config)"
+        how = (
+            f"preset {preset} (from the weights' shapes)" if preset else f"config {args.videocrafter_config}"
         )
-    metadata = _metadata(src)
-    _check_format(metadata, str(src))
+        lines = [
+            f"{src} -> {dst}: {_summary(tensors)} (U-Net + image_proj), {how}; "
+            f"{skipped} frozen/buffer tensors not in it"
+        ]
+        if args.extract_encoders:
+            from encoders.videocrafter import extract_encoders
+
+            sizes = {"text_heads": args.text_heads, "vision_heads": args.vision_heads}
+            if args.vae_norm_groups:
+                sizes["vae_norm_groups"] = args.vae_norm_groups
+            info = extract_encoders(state, args.extract_encoders, tokenizer_dir=args.tokenizer, **sizes)
+            folders = ", ".join(sorted(info.get("folders", info)))
+            lines.append(
+                f"frozen encoders -> {args.extract_encoders} ({folders}); details in videocrafter_extract.json"
+            )
+        del state
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        save_safetensors(tensors, dst, metadata)  # streams tensor by tensor; atomic
+        return "\n".join(lines)
+    for flag in ("videocrafter_config", "preset", "extract_encoders", "tokenizer"):
+        if getattr(args, flag):
+            raise ValueError(f"--{flag.replace('_', '-')} only applies to --to latentcrafter")
+    metadata = file_metadata(src)
+    decode_metadata(metadata, str(src))
     frozen = read_videocrafter(args.frozen_from) if args.frozen_from else None
     out = to_videocrafter(load_file(str(src)), metadata, frozen=frozen)
     _write_atomic(dst, lambda p: torch.save({"state_dict": out}, p))
@@ -296,11 +209,28 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("src", help="source checkpoint")
     p.add_argument("--out", required=True, help="destination file")
-    p.add_argument("--videocrafter-config", help="VideoCrafter YAML (required for --to latentcrafter)")
+    p.add_argument(
+        "--videocrafter-config",
+        help="VideoCrafter YAML the checkpoint was trained with; without it the preset is inferred from shapes",
+    )
+    p.add_argument("--preset", help="name the preset instead of inferring it (e.g. vc2-t2v-512)")
     p.add_argument("--to", choices=("latentcrafter", "videocrafter"), default="latentcrafter")
     p.add_argument(
         "--frozen-from", help="VideoCrafter checkpoint whose other tensors (VAE, encoders) to keep"
     )
+    p.add_argument(
+        "--extract-encoders",
+        metavar="DIR",
+        help="also write the checkpoint's VAE, OpenCLIP text (and I2V image) towers as diffusers/transformers "
+        "folders in DIR, a model_dir the encode job and trainer load",
+    )
+    p.add_argument(
+        "--tokenizer", help="a CLIP tokenizer folder to copy into DIR/tokenizer (model.ckpt has none)"
+    )
+    # Sizes the weights do not show; the defaults are the released models' (OpenCLIP ViT-H-14, LDM VAE).
+    p.add_argument("--text-heads", type=int, help="text tower attention heads (default: width // 64)")
+    p.add_argument("--vision-heads", type=int, help="image tower attention heads (default: 16 for ViT-H)")
+    p.add_argument("--vae-norm-groups", type=int, help="VAE GroupNorm groups (default: 32, as LDM)")
     args = p.parse_args(argv)
     try:
         print(convert(args))
@@ -310,7 +240,15 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["load_pretrained", "main", "read_videocrafter", "to_latentcrafter", "to_videocrafter"]
+__all__ = [
+    "DIFFUSION_DEFAULTS",
+    "FORMAT",
+    "load_pretrained",
+    "main",
+    "read_videocrafter",
+    "to_latentcrafter",
+    "to_videocrafter",
+]
 
 if __name__ == "__main__":
     sys.exit(main())

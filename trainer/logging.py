@@ -81,7 +81,7 @@ class TrainLogger:
             self.tb = SummaryWriter(os.path.join(out_dir, "tb"))
         from rich.console import Console
 
-        self.console = Console(stderr=True)
+        self.console = Console(stderr=True, soft_wrap=True)  # log lines stay whole (greppable) in files
         if config.progress:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 

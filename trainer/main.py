@@ -56,6 +56,7 @@ def train(config, *, resume: bool) -> dict:
         RunState,
         apply_trainable,
         build_module,
+        export_metadata,
         export_phase,
         initial_weights,
     )
@@ -89,11 +90,11 @@ def train(config, *, resume: bool) -> dict:
             json.dump(to_dict(config), f, indent=1)
 
     text = TextConditions(config, keep_vae=rank == 0)
-    from trainer.model import get_config
+    from trainer.model import context_dim
 
-    if get_config(config.model.unet).context_dim != text.dim:
+    if context_dim(config.model.unet) != text.dim:
         raise ValueError(
-            f"model.unet {config.model.unet!r} has context_dim {get_config(config.model.unet).context_dim} "
+            f"model.unet {config.model.unet!r} has context_dim {context_dim(config.model.unet)} "
             f"but {config.model.model_dir}'s text encoder is {text.dim}-wide; pick a matching pair"
         )
     ema = EMA(config.ema.decay) if config.ema.enabled else None
@@ -110,6 +111,17 @@ def train(config, *, resume: bool) -> dict:
         PreviewWriter(config, text, lambda: build_module(config), os.path.join(out_dir, "previews"))
         if rank == 0
         else None
+    )
+    scaling = config.model.signal_scale()
+    logger.message(
+        f"model {config.model.unet}: {config.model.prediction}-prediction, signal scaling "
+        + (
+            f"scale_arr {scaling['scale_a']} -> {scaling['scale_b']} over {scaling['mid_step']} steps"
+            f"{' (fix_scale_bug)' if scaling['fix_scale_bug'] else ''}"
+            if scaling["use_scale"]
+            else "off"
+        )
+        + ("" if config.model.fps is None else f", fps condition {config.model.fps}")
     )
     if resume_dir:
         logger.message(f"resuming from {resume_dir}: phase {state.phase_index} step {state.phase_step}")
@@ -177,7 +189,9 @@ def train(config, *, resume: bool) -> dict:
         weights_from = runner.run()
         if config.checkpoint.export_safetensors:
             weights = ckpt.fp32_state_dict(weights_from) if rank == 0 else {}
-            exports += export_phase(weights_from, weights, ema, out_dir, phase.name, rank)
+            exports += export_phase(
+                weights_from, weights, ema, out_dir, phase.name, rank, export_metadata(config, module)
+            )
         eng.destroy(engine)
         del runner, engine, module
         dist.barrier()

@@ -15,21 +15,39 @@ from trainer.ema import full_param_data
 
 
 def build_module(config: TrainConfig):
-    """The run's VideoUNet, randomly initialised from the run seed (identical on every rank)."""
-    from trainer.model import build_unet
+    """The run's U-Net (VideoUNet, or VideoCrafterModel for a VideoCrafter preset), randomly initialised from the
+    run seed (identical on every rank)."""
+    from trainer.model import VideoCrafterModel, build_unet
 
     torch.manual_seed(config.seed)
+    preset = config.model.videocrafter_preset
+    if preset is not None:
+        return VideoCrafterModel(preset.unet, preset.image_proj, preset=preset.name)
     return build_unet(config.model.unet, image_cross_attention=config.model.image_cross_attention)
 
 
 def initial_weights(module, config: TrainConfig) -> str:
-    """Weights at the start of a run: a consolidated safetensors, SD 2.1 inflation, or the seeded random init."""
+    """Weights at the start of a run: a weights file, SD 2.1 inflation, or the seeded random init."""
     m = config.model
+    if m.init_checkpoint and m.videocrafter_preset is not None:
+        from trainer.diffusion import Diffusion
+        from trainer.model.pretrained import load_videocrafter_weights
+
+        diffusion = Diffusion(prediction=m.prediction, **m.signal_scale())
+        kind = load_videocrafter_weights(module, m.init_checkpoint, diffusion)
+        return f"{kind} {m.init_checkpoint}"
     if m.init_checkpoint:
         from safetensors.torch import load_file
 
         module.load_state_dict(load_file(m.init_checkpoint), strict=True)
         return f"checkpoint {m.init_checkpoint}"
+    if m.videocrafter_preset is not None:
+        if m.init_from_sd:
+            raise ValueError(
+                f"model.unet={m.unet} is a VideoCrafter model: set model.init_checkpoint to its model.ckpt (or a "
+                "converted file), or model.init_from_sd: false to train it from a random init"
+            )
+        return "random init"
     if m.init_from_sd:
         from trainer.model import load_sd_unet_into
 
@@ -129,13 +147,17 @@ class PhaseRunner:
                 f"shards' text tokens are {tokens.shape[-1]}-wide but model.model_dir's text encoder gives "
                 f"{self.text.dim}; encode the shards with the same text encoder (sources {set(batch['sources'])})"
             )
-        cond = {
-            "context": tokens.to(self.device),
-            "fps": batch["fps"].to(self.device),
-            "uncond_context": self.uncond,
-        }
-        if self.config.model.image_cross_attention and "image_tokens" in batch:
+        m = self.config.model
+        fps = batch["fps"]
+        if m.fps is not None:
+            fps = torch.full_like(fps, float(m.fps))
+        elif m.videocrafter_preset is not None:
+            fps = fps.round()  # VideoCrafter conditions on integer fps
+        cond = {"context": tokens.to(self.device), "fps": fps.to(self.device), "uncond_context": self.uncond}
+        if m.image_cross_attention and "image_tokens" in batch:
             cond["image_context"] = batch["image_tokens"].to(self.device)
+        if self.text.null_image is not None:  # VideoCrafter I2V: image dropout feeds the mid-grey image
+            cond["uncond_image_context"] = self.text.null_image.to(self.device)
         return cond
 
     def train_step(self, batches) -> dict:
@@ -233,11 +255,32 @@ class PhaseRunner:
         raise AssertionError("unreachable: a phase ends with its last step")
 
 
-def export_phase(ckpt_dir: str, weights: dict, ema, out_dir: str, phase: str, rank: int) -> list[str]:
-    """Rank 0: consolidated fp32 weights (and the EMA) of a phase end, as safetensors for inference."""
+def export_metadata(config: TrainConfig, module) -> dict:
+    """Metadata that makes a VideoCrafter preset's export self-describing (empty for latentcrafter presets)."""
+    from trainer.model import VideoCrafterModel
+    from trainer.model.pretrained import model_metadata
+
+    if not isinstance(module, VideoCrafterModel):
+        return {}
+    preset = config.model.videocrafter_preset
+    diffusion = {
+        **preset.diffusion,
+        **config.model.signal_scale(),
+        "parameterization": config.model.prediction,
+    }
+    return model_metadata(module, diffusion, source=f"latentcrafter run {config.name}")
+
+
+def export_phase(
+    ckpt_dir: str, weights: dict, ema, out_dir: str, phase: str, rank: int, model_meta: dict | None = None
+) -> list[str]:
+    """Rank 0: consolidated fp32 weights (and the EMA) of a phase end, as safetensors for inference.
+
+    ``model_meta`` (VideoCrafter presets: preset, U-Net params, diffusion settings) makes the file one that
+    ``trainer.model.load_pretrained`` and ``latentcrafter convert --to videocrafter`` read."""
     if rank != 0:
         return []
-    meta = {"phase": phase, "checkpoint": os.path.basename(ckpt_dir)}
+    meta = {"phase": phase, "checkpoint": os.path.basename(ckpt_dir), **(model_meta or {})}
     paths = [ckpt.export_safetensors(weights, os.path.join(out_dir, "export", f"{phase}.safetensors"), meta)]
     if ema is not None:
         paths.append(

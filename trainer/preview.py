@@ -20,7 +20,9 @@ class TextConditions:
     def __init__(self, config: TrainConfig, *, keep_vae: bool):
         from encoders.models import FrozenEncoders, ModelsConfig
 
-        enc = FrozenEncoders(ModelsConfig(model_dir=config.model.model_dir, image_tokens=False, device="cpu"))
+        preset = config.model.videocrafter_preset
+        i2v = preset is not None and preset.image_to_video
+        enc = FrozenEncoders(ModelsConfig(model_dir=config.model.model_dir, image_tokens=i2v, device="cpu"))
         self.ids = enc.ids
         self.scale_factor = enc.scale_factor
         self.uncond = torch.from_numpy(enc.encode_text([""])["tokens"]).float()  # [1,77,D]
@@ -29,6 +31,9 @@ class TextConditions:
         self.downsample = enc.downsample
         self.latent_channels = enc.latent_channels
         self.vae = enc.vae if keep_vae else None
+        # VideoCrafter I2V: the unconditional image is the mid-grey image's CLIP tokens (not zeros): the
+        # target of image dropout and the previews' image condition
+        self.null_image = torch.from_numpy(enc.null_image_tokens()).float() if i2v else None  # [1,L,Dv]
 
     @property
     def dim(self) -> int:
@@ -62,11 +67,14 @@ class PreviewWriter:
         shape = (n, text.latent_channels, cfg.num_frames, height // text.downsample, width // text.downsample)
         fps = torch.full((n,), float(cfg.fps))
         g = torch.Generator().manual_seed(cfg.seed)
+        cond, uncond = {"context": text.prompt_tokens, "fps": fps}, {"context": text.uncond}
+        if text.null_image is not None:  # an I2V model's previews: text only, the image left unconditional
+            cond["image_context"] = uncond["image_context"] = text.null_image.expand(n, -1, -1)
         latents = self.sampler.sample(
             self.module,
             shape,
-            {"context": text.prompt_tokens, "fps": fps},
-            {"context": text.uncond},
+            cond,
+            uncond,
             cfg.guidance_scale,
             generator=g,
         )

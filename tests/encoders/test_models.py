@@ -136,7 +136,8 @@ def test_tiny_encoders_give_contract_shapes(encoders):
     assert decoded.shape == (2, 32, 48, 3) and decoded.dtype == np.uint8
 
 
-def test_clip_preprocessing_resizes_crops_and_normalizes(encoders):
+def test_clip_preprocessing_resizes_crops_and_normalizes(tiny_dir):
+    encoders = FrozenEncoders(ModelsConfig(model_dir=str(tiny_dir), image_preprocess="clip"))
     image = np.zeros((1, 40, 80, 3), dtype=np.uint8)
     image[:, :, 20:60] = 200  # the center half of a wide image: all that survives the center crop
     x = encoders.preprocess_images(image)

@@ -154,3 +154,51 @@ def test_signal_scaling_options_reach_the_diffusion():
     assert Diffusion(**ModelConfig(model_dir="m").signal_scale()).scale_arr is None
     with pytest.raises(ValueError, match="model.*mid_step"):
         ModelConfig(model_dir="m", use_scale=True, mid_step=0)
+
+
+def test_every_shipped_run_config_loads():
+    from pathlib import Path
+
+    from trainer.config import load_config
+
+    configs = sorted((Path(__file__).resolve().parents[2] / "configs" / "train").glob("*.yaml"))
+    assert any(p.name == "vc2-finetune.yaml" for p in configs)
+    for path in configs:
+        config = load_config(str(path), [])
+        assert config.phases, path
+    vc2 = load_config(str(Path(configs[0]).parent / "vc2-finetune.yaml"), ["model.fps=28"])
+    assert vc2.model.videocrafter_preset.name == "vc2-t2v-512" and vc2.model.fps == 28
+    assert vc2.model.signal_scale() == {
+        "use_scale": True,
+        "scale_a": 1,
+        "scale_b": 0.7,
+        "mid_step": 400,
+        "fix_scale_bug": False,
+    }
+    assert [p.trainable for p in vc2.phases] == ["all", "spatial"]
+
+
+def test_videocrafter_presets_set_their_own_options():
+    from trainer.config import ModelConfig
+
+    i2v = ModelConfig(unet="vc1-i2v-512", model_dir="m")
+    assert i2v.image_cross_attention and i2v.signal_scale()["scale_b"] == 0.7
+    hd = ModelConfig(unet="vc1-t2v-1024", model_dir="m")
+    assert hd.signal_scale() == {
+        "use_scale": True,
+        "scale_a": 1,
+        "scale_b": 0.3,
+        "mid_step": 400,
+        "fix_scale_bug": True,
+    }
+    assert not ModelConfig(unet="vc1-t2v-512", model_dir="m").signal_scale()["use_scale"]
+    assert ModelConfig(unet="vc2-t2v-512", model_dir="m", scale_b=0.5).signal_scale()["scale_b"] == 0.5
+    assert not ModelConfig(unet="tiny", model_dir="m").signal_scale()["use_scale"]
+    for bad, needle in (
+        ({"unet": "vc2-t2v-512", "image_cross_attention": True}, "text-to-video"),
+        ({"unet": "vc9"}, "vc2-t2v-512"),
+        ({"unet": "vc2-t2v-512", "prediction": "v"}, "predicts 'eps'"),
+        ({"unet": "tiny", "fps": 0}, "model.fps"),
+    ):
+        with pytest.raises(ValueError, match=needle):
+            ModelConfig(model_dir="m", **bad)

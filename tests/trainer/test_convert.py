@@ -67,7 +67,8 @@ def test_round_trip_and_load_pretrained(name: str, weights: dict[str, torch.Tens
     assert all(k.startswith(("unet.", "image_proj.")) for k in keys)
 
     cfg = yaml.safe_load((FIX / name / "config.yaml").read_text())
-    unet, proj, meta = load_pretrained(ours)
+    model = load_pretrained(ours)
+    unet, proj, meta = model.unet, model.image_proj, model.metadata
     assert meta["format"] == "latentcrafter-videocrafter" and meta["source"] == "model.ckpt"
     assert meta["unet_params"] == cfg["model"]["params"]["unet_config"]["params"]
     want_diffusion = {k: cfg["model"]["params"].get(k, d) for k, d in DIFFUSION_DEFAULTS.items()}
@@ -83,6 +84,11 @@ def test_round_trip_and_load_pretrained(name: str, weights: dict[str, torch.Tens
     fps = io.get("fps")
     with torch.no_grad():
         assert torch.equal(unet(x, t, ctx, fps=fps), direct(x, t, ctx, fps=fps))
+
+    with torch.no_grad():  # the module's own forward: raw image tokens in, VideoCrafter's output out
+        image = io["img_tokens"].float() if "img_tokens" in io else None
+        out = model(x, t, io["context"].float(), fps=fps, image_context=image)
+    torch.testing.assert_close(out, io["out"], atol=1e-4, rtol=1e-4)
 
     if name == "vc1_i2v_tiny":
         assert proj is not None and meta["image_proj_params"] == cfg["image_proj_model"]["params"]
@@ -150,7 +156,7 @@ def test_unsafe_pickle_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[
 def test_usage_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     src = _ckpt(tmp_path, dict(FROZEN))
     assert main([str(src), "--out", str(tmp_path / "o.safetensors")]) == 2
-    assert "--videocrafter-config" in capsys.readouterr().err
+    assert "no model.diffusion_model.* keys" in capsys.readouterr().err
     assert main([str(tmp_path / "nope.ckpt"), "--out", "x", "--videocrafter-config", "y"]) == 2
     assert "nope.ckpt" in capsys.readouterr().err
     assert main([str(src), "--out", str(tmp_path / "b.ckpt"), "--to", "videocrafter"]) == 2
@@ -162,7 +168,8 @@ def test_metadata_is_json(weights: dict[str, torch.Tensor], tmp_path: Path) -> N
     assert _to_ours(_ckpt(tmp_path, _state("vc1_i2v_tiny", weights)), "vc1_i2v_tiny", ours) == 0
     with safe_open(str(ours), framework="pt") as f:
         meta = f.metadata()
-    assert set(meta) == {"format", "unet_params", "image_proj_params", "diffusion", "source"}
+    assert set(meta) == {"format", "preset", "unet_params", "image_proj_params", "diffusion", "source"}
+    assert meta["preset"] == ""  # the fixture's Resampler reads 40-wide tokens: no preset has those sizes
     assert (
         json.loads(meta["diffusion"])["mid_step"] == 400
         and json.loads(meta["image_proj_params"])["dim"] == 32
@@ -183,3 +190,35 @@ def test_safetensors_source_and_wrong_direction(
     assert "already a latentcrafter file" in capsys.readouterr().err
     assert main([str(src), "--out", str(tmp_path / "b.ckpt"), "--to", "videocrafter"]) == 2
     assert "not a latentcrafter file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name,preset", [("vc2_t2v_tiny", "vc2-t2v-tiny"), ("vc1_t2v_tiny", "vc1-t2v-tiny")])
+def test_without_yaml_the_preset_comes_from_the_shapes(
+    name: str,
+    preset: str,
+    weights: dict[str, torch.Tensor],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    src, ours = _ckpt(tmp_path, _state(name, weights)), tmp_path / "ours.safetensors"
+    assert main([str(src), "--out", str(ours)]) == 0
+    assert f"preset {preset}" in capsys.readouterr().out
+    with_yaml = tmp_path / "yaml.safetensors"
+    assert _to_ours(src, name, with_yaml) == 0
+    model, ref = load_pretrained(ours), load_pretrained(with_yaml)
+    assert model.metadata["preset"] == ref.metadata["preset"] == preset
+    assert model.metadata["diffusion"] == ref.metadata["diffusion"]
+    assert model.unet_params == ref.unet_params
+
+
+def test_without_yaml_an_unknown_architecture_names_the_closest_preset(
+    weights: dict[str, torch.Tensor], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    src = _ckpt(tmp_path, _state("vc1_i2v_tiny", weights))  # its Resampler takes 40-wide tokens; presets 48
+    assert main([str(src), "--out", str(tmp_path / "o.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert (
+        "closest is vc1-i2v-tiny" in err
+        and "image_proj.proj_in.weight" in err
+        and "--videocrafter-config" in err
+    )

@@ -139,7 +139,7 @@ class Diffusion:
 
         Classifier-free guidance dropout, per sample and independently: the text context becomes
         cond["uncond_context"] (the empty caption's encoding) with probability `cfg_dropout`, and the
-        image tokens become zeros with probability `image_cfg_dropout`. All randomness comes from
+        image tokens become cond["uncond_image_context"] (zeros when absent) with probability `image_cfg_dropout`. All randomness comes from
         `generator` (t, noise, both dropout masks), so a step is reproducible from its seed.
         """
         b = x0.shape[0]
@@ -161,8 +161,10 @@ class Diffusion:
         context = torch.where(drop_text.view(b, 1, 1), uncond, context)
         image_context = cond.get("image_context")
         if image_context is not None:
+            null = cond.get("uncond_image_context")  # VideoCrafter: the mid-grey image's tokens
+            null = torch.zeros_like(image_context) if null is None else null.to(image_context)
             image_context = torch.where(
-                drop_image.view(b, 1, 1), torch.zeros_like(image_context), image_context
+                drop_image.view(b, 1, 1), null.expand_as(image_context), image_context
             )
 
         xt = self.q_sample(x0, t, noise)

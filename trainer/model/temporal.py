@@ -14,6 +14,8 @@ from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from diffusers.models.resnet import TemporalConvLayer
 from torch import nn
 
+from trainer.model import vc_blocks
+
 
 class TemporalSelfAttention(nn.Module):
     """Multi-head self-attention over the frame axis of `[N, T, C]` (N = batch * pixels)."""
@@ -149,4 +151,13 @@ class FpsEmbedding(nn.Module):
         return self.embedding(self.proj(fps.float()).to(dtype))
 
 
-TEMPORAL_MODULE_TYPES: tuple[type[nn.Module], ...] = (TemporalTransformer, TemporalConv, FpsEmbedding)
+TEMPORAL_MODULE_TYPES: tuple[type[nn.Module], ...] = (
+    TemporalTransformer,
+    TemporalConv,
+    FpsEmbedding,
+    # VideoCrafter's own (trainer.model.vc_blocks): temporal transformers (init_attn included), the
+    # temporal conv blocks inside ResBlocks, the fps embedding MLP
+    vc_blocks.TemporalTransformer,
+    vc_blocks.TemporalConvBlock,
+    vc_blocks.FpsEmbedding,
+)

@@ -348,6 +348,13 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
 
 
+class FpsEmbedding(nn.Sequential):
+    """VideoCrafter's ``fps_embedding`` MLP (Linear-SiLU-Linear); its own type so the parameter groups see it."""
+
+    def __init__(self, channels: int, emb_channels: int) -> None:
+        super().__init__(nn.Linear(channels, emb_channels), nn.SiLU(), nn.Linear(emb_channels, emb_channels))
+
+
 class VCSequential(nn.ModuleList):
     """VideoCrafter's TimestepEmbedSequential: routes ``emb``/``context``/``batch_size`` to the layers that take them."""
 

@@ -10,9 +10,11 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from trainer.model.vc_blocks import (
     Downsample,
+    FpsEmbedding,
     ResBlock,
     SpatialTransformer,
     TemporalTransformer,
@@ -91,10 +93,13 @@ class VCUNet(nn.Module):
                 "temporal cross-attention and causal temporal attention are not supported"
             )
         self.cfg = cfg
+        self.gradient_checkpointing = (
+            False  # recompute each block in backward (VideoCrafter's use_checkpoint)
+        )
         mc, ted = cfg.model_channels, cfg.model_channels * 4
         self.time_embed = nn.Sequential(nn.Linear(mc, ted), nn.SiLU(), nn.Linear(ted, ted))
         if cfg.fps_cond:
-            self.fps_embedding = nn.Sequential(nn.Linear(mc, ted), nn.SiLU(), nn.Linear(ted, ted))
+            self.fps_embedding = FpsEmbedding(mc, ted)
         self.input_blocks = nn.ModuleList([VCSequential([nn.Conv2d(cfg.in_channels, mc, 3, padding=1)])])
         if cfg.addition_attention:
             self.init_attn = VCSequential(
@@ -178,15 +183,21 @@ class VCUNet(nn.Module):
             )
         return mods
 
+    def _run(self, module: VCSequential, x: torch.Tensor, emb, ctx, b: int) -> torch.Tensor:
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return checkpoint(module, x, emb, ctx, b, use_reentrant=False)
+        return module(x, emb, ctx, b)
+
     def embed(self, timesteps: torch.Tensor, fps: torch.Tensor | int | None = None) -> torch.Tensor:
         """``time_embed(tsemb(t)) (+ fps_embedding(tsemb(fps)))``, one row per sample."""
-        mc = self.cfg.model_channels
-        emb = self.time_embed(timestep_embedding(timesteps, mc))
+        mc, dtype = self.cfg.model_channels, self.time_embed[0].weight.dtype
+        emb = self.time_embed(timestep_embedding(timesteps, mc).to(dtype))
         if self.cfg.fps_cond:
             fps = DEFAULT_FPS if fps is None else fps
             if not isinstance(fps, torch.Tensor):
                 fps = torch.full_like(timesteps, fps)
-            emb = emb + self.fps_embedding(timestep_embedding(fps.expand_as(timesteps), mc))
+            fps = fps.to(timesteps.device).reshape(-1).expand_as(timesteps)
+            emb = emb + self.fps_embedding(timestep_embedding(fps, mc).to(dtype))
         return emb
 
     def forward(
@@ -209,15 +220,16 @@ class VCUNet(nn.Module):
         emb = self.embed(timesteps, fps).repeat_interleave(t, dim=0)
         ctx = context.repeat_interleave(t, dim=0)
         hcur = x.transpose(1, 2).reshape(b * t, -1, h, w)
+        run = self._run
         hs = []
         for i, module in enumerate(self.input_blocks):
-            hcur = module(hcur, emb, ctx, b)
+            hcur = run(module, hcur, emb, ctx, b)
             if i == 0 and self.cfg.addition_attention:
-                hcur = self.init_attn(hcur, emb, ctx, b)
+                hcur = run(self.init_attn, hcur, emb, ctx, b)
             hs.append(hcur)
-        hcur = self.middle_block(hcur, emb, ctx, b)
+        hcur = run(self.middle_block, hcur, emb, ctx, b)
         for module in self.output_blocks:
-            hcur = module(torch.cat([hcur, hs.pop()], dim=1), emb, ctx, b)
+            hcur = run(module, torch.cat([hcur, hs.pop()], dim=1), emb, ctx, b)
         y = self.out(hcur)
         return y.reshape(b, t, *y.shape[1:]).transpose(1, 2)
 
@@ -291,4 +303,60 @@ class VCResampler(nn.Module):
         return self.norm_out(self.proj_out(latents))
 
 
-__all__ = ["DEFAULT_FPS", "VCResampler", "VCUNet", "VCUNetConfig"]
+class VideoCrafterModel(nn.Module):
+    """What a VideoCrafter checkpoint trains: the U-Net and, for Image2Video, the Resampler.
+
+    ``state_dict`` keys are ``unet.*`` (VideoCrafter's ``model.diffusion_model.*``) and ``image_proj.*``
+    (``image_proj_model.*``); the frozen VAE and OpenCLIP towers live in encoders/.
+    """
+
+    def __init__(
+        self,
+        unet_params: Mapping[str, Any],
+        image_proj_params: Mapping[str, Any] | None = None,
+        *,
+        preset: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.unet_params = dict(unet_params)
+        self.image_proj_params = None if image_proj_params is None else dict(image_proj_params)
+        self.preset = preset
+        self.unet = VCUNet(VCUNetConfig.from_videocrafter(unet_params))
+        self.image_proj = None if image_proj_params is None else VCResampler(**image_proj_params)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.unet.time_embed[0].weight.dtype
+
+    def enable_gradient_checkpointing(self, enabled: bool = True) -> None:
+        self.unet.gradient_checkpointing = enabled
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        timesteps: torch.Tensor,
+        context: torch.Tensor,
+        fps: torch.Tensor | int | None = None,
+        image_context: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``x`` ``[B,C,T,H,W]``; ``image_context`` the CLIP image tokens ``[B,257,D]`` (Image2Video only).
+
+        Every module runs at every frame count, T=1 included, exactly as in VideoCrafter. The unconditional
+        image (guidance, image dropout) is the mid-grey image's tokens, not zeros: see
+        ``encoders.FrozenEncoders.null_image_tokens``.
+        """
+        dtype = self.dtype
+        projected = None
+        if self.image_proj is not None:
+            if image_context is None:
+                raise ValueError(
+                    "this Image2Video model needs image_context (CLIP image tokens [B,257,D]); for the "
+                    "unconditional branch pass the mid-grey image's tokens (FrozenEncoders.null_image_tokens)"
+                )
+            projected = self.image_proj(image_context.to(dtype))
+        elif image_context is not None:
+            raise ValueError("image_context given to a text-to-video model (no image_proj)")
+        return self.unet(x.to(dtype), timesteps, context.to(dtype), fps, projected)
+
+
+__all__ = ["DEFAULT_FPS", "VCResampler", "VCUNet", "VCUNetConfig", "VideoCrafterModel"]
