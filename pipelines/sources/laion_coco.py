@@ -43,6 +43,17 @@ def _typed(column: pa.ChunkedArray, type_: pa.DataType) -> list:
         return values
 
 
+# What reading a damaged row group raises (bad pages, thrift headers, invalid UTF-8 in a string column).
+_GROUP_ERRORS = (pa.ArrowException, OSError, ValueError, UnicodeDecodeError)
+
+
+class _BadGroup:
+    """Stands for each row of a row group that cannot be read; `validate` makes it a `bad_parquet` row."""
+
+    def __init__(self, group: int, exc: BaseException):
+        self.detail = f"row group {group} cannot be read ({type(exc).__name__}: {str(exc).splitlines()[0]})"
+
+
 def _lean(table: pa.Table) -> pa.Array:
     """Per row: "h<hash>" when the hash casts to int64 (the key is that hash's), else the URL key `validate`
     makes (laion_coco_u<crc32>), else null (no hash, no URL: surely bad)."""
@@ -113,8 +124,13 @@ class LaionCocoReader(SourceReader):
                 group_rows = parquet.metadata.row_group(g).num_rows
                 start, stop = max(rows.start, group_start), min(rows.stop, group_start + group_rows)
                 if start < stop:
-                    table = self._row_group(parquet, g)
-                    yield from self._table_rows(table.slice(start - group_start, stop - start), start)
+                    try:
+                        table = self._row_group(parquet, g)
+                    except _GROUP_ERRORS as exc:  # every row of the group becomes one error row
+                        bad = _BadGroup(g, exc)
+                        yield from (Row(i, bad) for i in range(start, stop))
+                    else:
+                        yield from self._table_rows(table.slice(start - group_start, stop - start), start)
                 group_start += group_rows
                 if group_start >= rows.stop:
                     break
@@ -129,9 +145,13 @@ class LaionCocoReader(SourceReader):
             for g in range(parquet.metadata.num_row_groups):
                 if done >= num_rows:
                     break
-                table = parquet.read_row_group(g, columns=columns).slice(0, num_rows - done)
-                lean.append(hash64(_lean(table)))
-                done += table.num_rows
+                n = min(parquet.metadata.row_group(g).num_rows, num_rows - done)
+                try:
+                    table = parquet.read_row_group(g, columns=columns).slice(0, n)
+                    lean.append(hash64(_lean(table)))
+                except _GROUP_ERRORS:  # unreadable: surely bad rows (read() makes them bad_parquet)
+                    lean.append(np.zeros(n, np.uint64))
+                done += n
         return Scan(num_rows, [None] * len(range(0, num_rows, rows_per_shard)), np.concatenate(lean))
 
     def _table_rows(self, table: pa.Table, first: int) -> Iterator[Row]:
@@ -150,6 +170,8 @@ class LaionCocoReader(SourceReader):
     def validate(self, row: Row) -> None:
         """Cells castable to LAION_COCO_SCHEMA, a URL, and a caption (top_caption or TEXT)."""
         cells = row.raw
+        if isinstance(cells, _BadGroup):
+            raise RowError("bad_parquet", f"{self.manifest}, row {row.index}: {cells.detail}")
         url = cells["URL"]
         if isinstance(url, str) and url.strip():
             row.key = laion_key(cells["hash"], url.strip())

@@ -39,6 +39,40 @@ def _lean_videoid(cells: pa.Array) -> pa.Array:
     return pc.if_else(pc.equal(keys, ""), None, keys)
 
 
+class _BadRecord:
+    """A record the csv module could not parse: one manifest row, made a `bad_csv` error row by `parse`."""
+
+    def __init__(self, line: int, offset: int | None, exc: csv.Error):
+        where = f"line {line}" if offset is None else f"line {line} after byte {offset}"
+        self.detail = f"{where}: {_csv_problem(exc)}"
+
+
+class _Records:
+    """csv records of `lines`, where a record the csv module rejects becomes one _BadRecord and parsing goes
+    on at the next line (a stray carriage return or quote costs that record, not the file).
+
+    `line_num`: lines consumed so far, over every restart (between records: the next record's first line).
+    """
+
+    def __init__(self, lines: Iterable[str], offset: int | None = None):
+        self.lines, self.base, self.offset = iter(lines), 0, offset  # offset: where `lines` start, if not 0
+        self.reader = csv.reader(self.lines)
+
+    @property
+    def line_num(self) -> int:
+        return self.base + self.reader.line_num
+
+    def __iter__(self) -> Iterator[list[str] | _BadRecord]:
+        while True:
+            try:
+                yield from self.reader
+                return
+            except csv.Error as exc:
+                yield _BadRecord(self.line_num, self.offset, exc)
+                self.base += self.reader.line_num
+                self.reader = csv.reader(self.lines)
+
+
 class _CountedLines:
     """The lines of a binary file, split on b"\\n" and decoded as a read decodes them, with their byte offsets.
 
@@ -95,14 +129,10 @@ class WebVidReader(SourceReader):
         with self.open("rb") as f:
             if offset is not None:
                 f.seek(offset)
-            reader = csv.reader(map(_decode, f))
-            try:
-                if offset is None:
-                    next(reader, None)  # the header
-                yield from reader
-            except csv.Error as exc:
-                where = f"line {reader.line_num}" + ("" if offset is None else f" after byte {offset}")
-                raise ValueError(f"{self.manifest}, {where}: {_csv_problem(exc)}") from exc
+            records = iter(_Records(map(_decode, f), offset))
+            if offset is None:
+                next(records, None)  # the header (_check parsed it)
+            yield from records
 
     def _check(self) -> None:
         try:
@@ -143,27 +173,28 @@ class WebVidReader(SourceReader):
         lean, offsets, count = LeanKeys(_lean_videoid), [], 0
         with self.open("rb") as f:
             lines = _CountedLines(f)
-            reader = csv.reader(lines)
-            try:
-                next(reader, None)  # the header
-                while count != limit:
-                    start = lines.offset(reader.line_num)  # where the next record begins
-                    want = min(rows_per_shard - count % rows_per_shard, _BATCH)
-                    records = islice(reader, want if limit < 0 else min(want, limit - count))
-                    got = [c[column] if len(c) == width else None for c in records]  # no rows kept
-                    if not got:
-                        break
-                    if count % rows_per_shard == 0:
-                        offsets.append(start)
-                    lean.extend(got)
-                    count += len(got)
-            except csv.Error as exc:
-                raise ValueError(f"{self.manifest}, line {reader.line_num}: {_csv_problem(exc)}") from exc
+            records = _Records(lines)
+            items = iter(records)
+            next(items, None)  # the header
+            while count != limit:
+                start = lines.offset(records.line_num)  # where the next record begins
+                want = min(rows_per_shard - count % rows_per_shard, _BATCH)
+                batch = islice(items, want if limit < 0 else min(want, limit - count))
+                # no rows kept; a record the csv module rejected is surely bad (None)
+                got = [c[column] if isinstance(c, list) and len(c) == width else None for c in batch]
+                if not got:
+                    break
+                if count % rows_per_shard == 0:
+                    offsets.append(start)
+                lean.extend(got)
+                count += len(got)
         return Scan(count, offsets, lean.array())
 
     @row_stage
     def parse(self, row: Row) -> None:
         """Cells -> a dict by header; a row with the wrong number of cells is `bad_value`."""
+        if isinstance(row.raw, _BadRecord):
+            raise RowError("bad_csv", f"{self.manifest}, row {row.index}, {row.raw.detail}")
         if len(row.raw) != len(self.header):
             raise RowError(
                 "bad_value",

@@ -186,8 +186,11 @@ def test_a_span_read_never_touches_the_rows_before_it(tmp_path):
     first, last = plan.spans[0].offset, plan.spans[-1].offset
     data[first:last] = (b"x\ry," * last)[: last - first - 1] + b"\n"  # csv.reader chokes on these bytes
     open(path, "wb").write(bytes(data))
-    with pytest.raises(ValueError, match=rf"{re.escape(path)}, line 2: the csv module cannot parse"):
-        whole("webvid", path)
+    damaged = whole("webvid", path)  # the unparseable bytes cost their record, not the file
+    assert (
+        damaged[0]["reason"] == "bad_csv"
+        and f"{path}, row 0, line 2: the csv module cannot parse" in (damaged[0]["detail"])
+    )
     span = plan.spans[-1]
     assert list(make_reader("webvid", path).read_span(span, duplicates=plan.duplicates_in(span))) == expected
     # the same for JSONL: the first lines replaced by one long line change nothing after them
@@ -224,10 +227,18 @@ def test_plan_knows_the_row_count_and_honours_max_rows(tmp_path):
 
 def test_errors_name_the_file_and_the_fix(tmp_path):
     path = write_csv(tmp_path / "r.csv", rows=[*CSV_ROWS[:3], "11,a\rb,1,x,PT1S,u", *CSV_ROWS[3:]])
-    with pytest.raises(
-        ValueError, match=rf"{re.escape(path)}, line 6: .*fix the quoting or the line endings"
-    ):
-        plan_manifest("webvid", path, 2)
+    plan = plan_manifest("webvid", path, 2)  # the stray carriage return costs its row, not the file
+    items = [
+        i
+        for s in plan.spans
+        for i in make_reader("webvid", path).read_span(s, duplicates=plan.duplicates_in(s))
+    ]
+    assert plan.num_rows == len(items) == len(CSV_ROWS) + 1
+    assert [(i["row"], i["key"]) for i in items] == [(i["row"], i["key"]) for i in whole("webvid", path)]
+    bad = [i for i in whole("webvid", path) if i.get("reason") == "bad_csv"]
+    assert len(bad) == 1 and re.search(
+        rf"{re.escape(path)}, row 3, line 6: .*fix the quoting or the line", bad[0]["detail"]
+    )
     path = write_csv(tmp_path / "ok.csv")
     plan = plan_manifest("webvid", path, 4)
     data = open(path, "rb").read()
