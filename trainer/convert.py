@@ -191,15 +191,37 @@ def convert(args: argparse.Namespace) -> str:
             raise ValueError(f"--{flag.replace('_', '-')} only applies to --to latentcrafter")
     metadata = file_metadata(src)
     decode_metadata(metadata, str(src))
-    frozen = read_videocrafter(args.frozen_from) if args.frozen_from else None
-    out = to_videocrafter(load_file(str(src)), metadata, frozen=frozen)
+    tensors = load_file(str(src))
+    zeros: dict[str, str] = {}
+    if args.frozen_from and Path(args.frozen_from).is_dir():
+        # A model folder (SD 2.1 layout): the encoders re-laid out as VideoCrafter's, the schedule recomputed.
+        from encoders.videocrafter_layout import videocrafter_frozen_parts
+        from trainer.diffusion.schedule import schedule_buffers
+
+        meta = decode_metadata(metadata, str(src))
+        image = "image_proj_params" in meta or any(k.startswith(OUR_IPM) for k in tensors)
+        parts, zeros = videocrafter_frozen_parts(args.frozen_from, image=image)
+        frozen = {**schedule_buffers(meta.get("diffusion") or DIFFUSION_DEFAULTS), **parts}
+        how = f"frozen tensors from folder {args.frozen_from} + schedule buffers from the file's diffusion settings"
+    else:
+        frozen = read_videocrafter(args.frozen_from) if args.frozen_from else None
+        how = "" if frozen is None else f"frozen tensors from {args.frozen_from}"
+    out = to_videocrafter(tensors, metadata, frozen=frozen)
     _write_atomic(dst, lambda p: torch.save({"state_dict": out}, p))
-    note = (
-        ""
-        if frozen is not None
-        else " (U-Net/image_proj only: pass --frozen-from for the VAE, encoders, buffers)"
-    )
-    return f"{src} -> {dst}: {_summary(out)}{note}"
+    if frozen is None:
+        return f"{src} -> {dst}: {_summary(out)} (U-Net/image_proj only: pass --frozen-from for the VAE, encoders, buffers)"
+    lines = [f"{src} -> {dst}: {_summary(out)}; {how}"]
+    if zeros:
+        lines.append(
+            f"{len(zeros)} tensors filled with ZEROS (not in the folder; VideoCrafter's outputs never read them):"
+        )
+        by_reason: dict[str, list[str]] = {}
+        for key, why in zeros.items():
+            by_reason.setdefault(why, []).append(key)
+        for why, keys in by_reason.items():
+            shown = ", ".join(keys) if len(keys) <= 3 else f"{keys[0]} ... {keys[-1]} ({len(keys)} tensors)"
+            lines.append(f"  {shown}: {why}")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -216,7 +238,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--preset", help="name the preset instead of inferring it (e.g. vc2-t2v-512)")
     p.add_argument("--to", choices=("latentcrafter", "videocrafter"), default="latentcrafter")
     p.add_argument(
-        "--frozen-from", help="VideoCrafter checkpoint whose other tensors (VAE, encoders) to keep"
+        "--frozen-from",
+        help="with --to videocrafter: a VideoCrafter checkpoint whose other tensors (VAE, encoders, schedule "
+        "buffers) to keep, or a model FOLDER (SD 2.1 layout: vae/, text_encoder/, and image_encoder/ for an "
+        "Image2Video file) laid out as VideoCrafter's; the schedule buffers then come from the file's diffusion "
+        "settings, and tensors the folder lacks (OpenCLIP's last text block, SD 2.1's missing text_projection, "
+        "logit_scale) are zeros that VideoCrafter's outputs never read (the summary lists them)",
     )
     p.add_argument(
         "--extract-encoders",

@@ -14,92 +14,46 @@ import torch.nn.functional as F
 from encoders.models import FrozenEncoders, ModelsConfig, write_tiny_models
 from encoders.tiny import CLIP_MEAN, CLIP_STD
 from encoders.videocrafter import (
+    TEXT_PREFIX,
+    VAE_PREFIX,
+    VISION_PREFIX,
     antialias_kernel,
     extract_encoders,
     kornia_resize,
     videocrafter_preprocess,
 )
+from encoders.videocrafter_layout import (
+    EMBEDDER_TEXT_LEFTOVERS,
+    ldm_vae_state,
+    openclip_text_state,
+    openclip_visual_state,
+    videocrafter_frozen_parts,
+    videocrafter_frozen_state,
+)
 
 HEADS = 2  # the tiny towers' heads (not visible in the weights)
 
 
-# ---- inverse mappings: diffusers/transformers layout -> VideoCrafter's (LDM, OpenCLIP) -------------------
-def _ldm_vae(sd: dict[str, torch.Tensor], num_up: int) -> dict[str, torch.Tensor]:
-    """diffusers AutoencoderKL state dict -> LDM layout (written independently of diffusers' converter)."""
-    out = {}
-    for key, value in sd.items():
-        k = key.replace("conv_norm_out", "norm_out").replace("conv_shortcut", "nin_shortcut")
-        k = re.sub(r"down_blocks\.(\d+)\.resnets\.", r"down.\1.block.", k)
-        k = re.sub(r"down_blocks\.(\d+)\.downsamplers\.0\.", r"down.\1.downsample.", k)
-        k = re.sub(r"up_blocks\.(\d+)\.resnets\.", lambda m: f"up.{num_up - 1 - int(m[1])}.block.", k)
-        k = re.sub(
-            r"up_blocks\.(\d+)\.upsamplers\.0\.", lambda m: f"up.{num_up - 1 - int(m[1])}.upsample.", k
-        )
-        k = re.sub(r"mid_block\.resnets\.(\d+)\.", lambda m: f"mid.block_{int(m[1]) + 1}.", k)
-        if "mid_block.attentions.0." in k:
-            k = k.replace("mid_block.attentions.0.", "mid.attn_1.")
-            for a, b in (
-                ("group_norm", "norm"),
-                ("to_q", "q"),
-                ("to_k", "k"),
-                ("to_v", "v"),
-                ("to_out.0", "proj_out"),
-            ):
-                k = k.replace(f".{a}.", f".{b}.")
-            if value.ndim == 2:  # LDM's attention projections are 1x1 convolutions
-                value = value[:, :, None, None]
-        out["first_stage_model." + k] = value.clone()
-    return out
-
-
-def _openclip_blocks(sd: dict[str, torch.Tensor], src: str, dst: str, n: int) -> dict[str, torch.Tensor]:
-    """HF CLIP encoder layers -> OpenCLIP transformer.resblocks (q/k/v concatenated into in_proj)."""
-    out = {}
-    for i in range(n):
-        a, b = f"{src}{i}.", f"{dst}transformer.resblocks.{i}."
-        for part in ("weight", "bias"):
-            out[b + f"attn.in_proj_{part}"] = torch.cat([sd[a + f"self_attn.{p}_proj.{part}"] for p in "qkv"])
-            out[b + f"attn.out_proj.{part}"] = sd[a + f"self_attn.out_proj.{part}"]
-            out[b + f"ln_1.{part}"] = sd[a + f"layer_norm1.{part}"]
-            out[b + f"ln_2.{part}"] = sd[a + f"layer_norm2.{part}"]
-            out[b + f"mlp.c_fc.{part}"] = sd[a + f"mlp.fc1.{part}"]
-            out[b + f"mlp.c_proj.{part}"] = sd[a + f"mlp.fc2.{part}"]
-    return out
-
-
-def _strip(sd: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    return {k[len(prefix) :] if k.startswith(prefix) else k: v for k, v in sd.items()}
+# ---- VideoCrafter-layout state dicts of the tiny models (encoders.videocrafter_layout) --------------------
+def _ldm_vae(vae) -> dict[str, torch.Tensor]:
+    sd = {k: v.clone() for k, v in vae.state_dict().items()}
+    return {VAE_PREFIX + k: v for k, v in ldm_vae_state(sd, len(vae.config.block_out_channels)).items()}
 
 
 def _openclip_text(model, extra_block_seed: int = 7) -> dict[str, torch.Tensor]:
-    """CLIPTextModelWithProjection -> cond_stage_model.model.* with ONE EXTRA random last resblock."""
-    sd = _strip({k: v.clone() for k, v in model.state_dict().items()}, "text_model.")
+    """cond_stage_model.model.* with ONE EXTRA last resblock, random here (the library writes zeros), so the
+    tests see that extraction drops it whatever it holds."""
+    text, _ = openclip_text_state(model)
     n = model.config.num_hidden_layers
-    p = "cond_stage_model.model."
-    out = _openclip_blocks(sd, "encoder.layers.", p, n)
     g = torch.Generator().manual_seed(extra_block_seed)
-    for key in [k for k in out if f"resblocks.{n - 1}." in k]:  # the penultimate rule drops this block
-        out[key.replace(f"resblocks.{n - 1}.", f"resblocks.{n}.")] = torch.randn(out[key].shape, generator=g)
-    out[p + "token_embedding.weight"] = sd["embeddings.token_embedding.weight"]
-    out[p + "positional_embedding"] = sd["embeddings.position_embedding.weight"]
-    out[p + "ln_final.weight"] = sd["final_layer_norm.weight"]
-    out[p + "ln_final.bias"] = sd["final_layer_norm.bias"]
-    out[p + "text_projection"] = sd["text_projection.weight"].T.contiguous()
-    out[p + "logit_scale"] = torch.tensor(4.6052)
-    return out
+    for key in [k for k in text if k.startswith(f"transformer.resblocks.{n}.")]:
+        text[key] = torch.randn(text[key].shape, generator=g)
+    text["logit_scale"] = torch.tensor(4.6052)
+    return {TEXT_PREFIX + k: v.clone() for k, v in text.items()}
 
 
 def _openclip_visual(model) -> dict[str, torch.Tensor]:
-    sd = {k: v.clone() for k, v in model.state_dict().items()}
-    p, v = "embedder.model.visual.", "vision_model."
-    out = _openclip_blocks(sd, v + "encoder.layers.", p, model.config.num_hidden_layers)
-    out[p + "conv1.weight"] = sd[v + "embeddings.patch_embedding.weight"]
-    out[p + "class_embedding"] = sd[v + "embeddings.class_embedding"]
-    out[p + "positional_embedding"] = sd[v + "embeddings.position_embedding.weight"]
-    for a, b in (("ln_pre", "pre_layrnorm"), ("ln_post", "post_layernorm")):
-        out[p + f"{a}.weight"], out[p + f"{a}.bias"] = sd[v + f"{b}.weight"], sd[v + f"{b}.bias"]
-    out[p + "proj"] = sd["visual_projection.weight"].T.contiguous()
-    return out
+    return {VISION_PREFIX + k: v.clone() for k, v in openclip_visual_state(model).items()}
 
 
 # ---- plain-torch OpenCLIP forwards (the independent references) -------------------------------------------
@@ -174,7 +128,7 @@ def originals(tiny):
 def ckpt(originals) -> dict[str, torch.Tensor]:
     """A VideoCrafter Image2Video-like state dict built from the tiny models (+ UNet-ish keys to ignore)."""
     vae, text, vision = originals
-    state = _ldm_vae(vae.state_dict(), len(vae.config.block_out_channels))
+    state = _ldm_vae(vae)
     state.update(_openclip_text(text))
     state.update(_openclip_visual(vision))
     state["model.diffusion_model.input_blocks.0.0.weight"] = torch.zeros(4, 4, 3, 3)
@@ -372,3 +326,83 @@ def test_image_preprocess_option(tiny):
     assert v[0, 0, :, :4].mean() < -1.5 and v[0, 0, :, 12:20].mean() > 0.5
     x = torch.from_numpy(image).permute(0, 3, 1, 2).float() / 255
     torch.testing.assert_close(v, videocrafter_preprocess((x - 0.5) * 2, 32, CLIP_MEAN, CLIP_STD))
+
+
+# ---- a model folder -> VideoCrafter's frozen tensors (the inverse of extraction) ------------------------------
+def test_frozen_state_round_trips_through_extraction(tiny, originals, tmp_path):
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextModel, CLIPVisionModelWithProjection
+
+    state, zeros = videocrafter_frozen_parts(tiny, image=True)
+    assert state.keys() == videocrafter_frozen_state(tiny, image=True).keys()
+    vae, text, vision = originals
+    n = text.config.num_hidden_layers
+    last = f"{TEXT_PREFIX}transformer.resblocks.{n}."
+    assert {k for k in zeros if k.startswith(last)} == {k for k in state if k.startswith(last)}
+    assert len([k for k in state if k.startswith(last)]) == 12
+    assert all(not state[k].any() for k in zeros)
+    assert set(zeros) - {k for k in zeros if k.startswith(last)} == {
+        TEXT_PREFIX + "logit_scale",
+        "embedder.model.logit_scale",
+    }  # the tiny text encoder has a projection: it is copied, not zeros
+    torch.testing.assert_close(state[TEXT_PREFIX + "text_projection"], text.text_projection.weight.T)
+    for k in ("token_embedding.weight", "positional_embedding", "ln_final.bias", "text_projection"):
+        assert torch.equal(state["embedder.model." + k], state[TEXT_PREFIX + k])
+    assert state[TEXT_PREFIX + "logit_scale"].shape == ()
+
+    summary = extract_encoders(
+        state,
+        tmp_path,
+        tokenizer_dir=str(tiny / "tokenizer"),
+        text_heads=HEADS,
+        vision_heads=HEADS,
+        vae_norm_groups=8,
+    )
+    assert summary["other_keys"] == len(EMBEDDER_TEXT_LEFTOVERS)  # embedder.model's text leftovers
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(4)) * 2 - 1
+    ids = torch.randint(0, text.config.vocab_size, (2, 77), generator=torch.Generator().manual_seed(5))
+    pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(6))
+    back_vae = AutoencoderKL.from_pretrained(str(tmp_path / "vae")).eval()
+    back_text = CLIPTextModel.from_pretrained(str(tmp_path / "text_encoder")).eval()
+    back_vision = CLIPVisionModelWithProjection.from_pretrained(str(tmp_path / "image_encoder")).eval()
+    with torch.no_grad():
+        z = vae.encode(x).latent_dist.mean
+        assert torch.equal(back_vae.encode(x).latent_dist.mean, z)
+        assert torch.equal(back_vae.decode(z).sample, vae.decode(z).sample)
+        got = back_text(input_ids=ids).last_hidden_state
+        assert torch.equal(got, text(input_ids=ids).last_hidden_state)
+        torch.testing.assert_close(got, _openclip_text_penultimate(state, ids, HEADS), atol=1e-5, rtol=1e-5)
+        a, b = back_vision(pixel_values=pixels), vision(pixel_values=pixels)
+        assert torch.equal(a.last_hidden_state, b.last_hidden_state) and torch.equal(
+            a.image_embeds, b.image_embeds
+        )
+
+
+def test_frozen_state_from_an_sd21_like_text_encoder(tiny, originals, tmp_path):
+    """SD 2.1's text_encoder is a CLIPTextModel (no projection): text_projection [width, width] is zeros."""
+    import shutil
+
+    from transformers import CLIPTextModel
+
+    folder = tmp_path / "sd21"
+    shutil.copytree(tiny / "vae", folder / "vae")
+    plain = CLIPTextModel(originals[1].config)
+    plain.load_state_dict(
+        {k: v for k, v in originals[1].state_dict().items() if k != "text_projection.weight"}, strict=False
+    )
+    plain.config.architectures = ["CLIPTextModel"]
+    plain.save_pretrained(str(folder / "text_encoder"))
+    state, zeros = videocrafter_frozen_parts(folder, image=False)
+    assert not any(k.startswith(("embedder.", VISION_PREFIX)) for k in state)
+    proj = state[TEXT_PREFIX + "text_projection"]
+    assert proj.shape == (32, 32) and not proj.any() and TEXT_PREFIX + "text_projection" in zeros
+    # the folder's last block as VideoCrafter's unused one: no zero block, one layer fewer extracted
+    full, zeros = videocrafter_frozen_parts(folder, image=False, text_layers=2)
+    assert (
+        not any("resblocks" in k for k in zeros)
+        and f"{TEXT_PREFIX}transformer.resblocks.2.ln_1.weight" not in full
+    )
+    with pytest.raises(ValueError, match="text_layers=5"):
+        videocrafter_frozen_state(folder, image=False, text_layers=5)
+    with pytest.raises(FileNotFoundError, match="image_encoder"):
+        videocrafter_frozen_state(folder, image=True)

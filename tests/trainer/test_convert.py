@@ -222,3 +222,154 @@ def test_without_yaml_an_unknown_architecture_names_the_closest_preset(
         and "image_proj.proj_in.weight" in err
         and "--videocrafter-config" in err
     )
+
+
+# ---- --frozen-from a model FOLDER (SD 2.1 layout) -------------------------------------------------------------
+def _expected_vae_keys(cfg: dict) -> set[str]:
+    """LDM AutoencoderKL's parameter names for a diffusers AutoencoderKL config (written from LDM's model.py)."""
+    widths, n = list(cfg["block_out_channels"]), cfg["layers_per_block"]
+    res = ("norm1", "conv1", "norm2", "conv2")
+    keys: set[str] = set()
+
+    def add(prefix: str, names) -> None:
+        keys.update(f"first_stage_model.{prefix}{m}.{p}" for m in names for p in ("weight", "bias"))
+
+    for side in ("encoder", "decoder"):
+        add(f"{side}.", ("conv_in", "norm_out", "conv_out"))
+        add(f"{side}.mid.", [f"block_{b}.{r}" for b in (1, 2) for r in res])
+        add(f"{side}.mid.attn_1.", ("norm", "q", "k", "v", "proj_out"))
+    for i, w in enumerate(widths):
+        c_in = widths[max(i - 1, 0)]
+        for j in range(n):
+            add(f"encoder.down.{i}.block.{j}.", res + (("nin_shortcut",) if j == 0 and c_in != w else ()))
+        if i < len(widths) - 1:
+            add(f"encoder.down.{i}.downsample.", ("conv",))
+        c_in = widths[min(i + 1, len(widths) - 1)]  # decoder: up.i is fed by up.(i+1) (the top by mid)
+        for j in range(n + 1):
+            add(f"decoder.up.{i}.block.{j}.", res + (("nin_shortcut",) if j == 0 and c_in != w else ()))
+        if i > 0:
+            add(f"decoder.up.{i}.upsample.", ("conv",))
+    add("", ("quant_conv", "post_quant_conv"))
+    return keys
+
+
+def _expected_openclip_keys(prefix: str, blocks: int, rest) -> set[str]:
+    parts = ["attn.in_proj_weight", "attn.in_proj_bias"]
+    parts += [
+        f"{m}.{p}"
+        for m in ("attn.out_proj", "ln_1", "ln_2", "mlp.c_fc", "mlp.c_proj")
+        for p in ("weight", "bias")
+    ]
+    return {f"{prefix}transformer.resblocks.{i}.{p}" for i in range(blocks) for p in parts} | {
+        prefix + k for k in rest
+    }
+
+
+TEXT_REST = ("token_embedding.weight", "positional_embedding", "ln_final.weight", "ln_final.bias")
+TEXT_REST += ("text_projection", "logit_scale")
+PERSISTENT_BUFFERS = {  # lvdm/models/ddpm3d.py DDPM.register_schedule (lvlb_weights is persistent=False)
+    "betas",
+    "alphas_cumprod",
+    "alphas_cumprod_prev",
+    "sqrt_alphas_cumprod",
+    "sqrt_one_minus_alphas_cumprod",
+    "log_one_minus_alphas_cumprod",
+    "sqrt_recip_alphas_cumprod",
+    "sqrt_recipm1_alphas_cumprod",
+    "posterior_variance",
+    "posterior_log_variance_clipped",
+    "posterior_mean_coef1",
+    "posterior_mean_coef2",
+}
+
+
+def test_schedule_buffers_are_videocrafters() -> None:
+    from trainer.diffusion.schedule import schedule_buffers
+    from trainer.model.presets import get_preset
+
+    ref = load_file(str(FIX / "vc2_t2v_tiny" / "ddim_ref.safetensors"))  # VideoCrafter's own buffers
+    got = schedule_buffers(get_preset("vc2-t2v-tiny").diffusion)
+    assert set(got) == PERSISTENT_BUFFERS | {"scale_arr"}
+    assert all(v.dtype == torch.float32 and v.shape == (1000,) for k, v in got.items() if k != "scale_arr")
+    assert torch.equal(got["alphas_cumprod"], ref["buffers.alphas_cumprod"])  # bit-exact
+    assert torch.equal(got["scale_arr"], ref["buffers.scale_arr"])
+    assert set(schedule_buffers(get_preset("vc1-t2v-tiny").diffusion)) == PERSISTENT_BUFFERS  # no use_scale
+    assert schedule_buffers(get_preset("vc1-t2v-1024").diffusion)["scale_arr"].shape == (
+        1000,
+    )  # fix_scale_bug
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory) -> Path:
+    from encoders.tiny import write_tiny_models
+
+    return Path(write_tiny_models(str(tmp_path_factory.mktemp("tiny")), seed=0))
+
+
+@pytest.mark.parametrize("name", ["vc2_t2v_tiny", "vc1_i2v_tiny"])
+def test_frozen_from_a_model_folder(
+    name: str,
+    weights: dict[str, torch.Tensor],
+    tiny_folder: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPVisionModelWithProjection
+
+    from encoders.videocrafter import extract_encoders
+
+    state = _state(name, weights)
+    ours = tmp_path / "ours.safetensors"
+    assert _to_ours(_ckpt(tmp_path, state), name, ours) == 0
+    out = tmp_path / "vc.ckpt"
+    args = [str(ours), "--out", str(out), "--to", "videocrafter", "--frozen-from", str(tiny_folder)]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    got = read_videocrafter(out)
+
+    vae_cfg = json.loads((tiny_folder / "vae" / "config.json").read_text())
+    text_cfg = json.loads((tiny_folder / "text_encoder" / "config.json").read_text())
+    n = text_cfg["num_hidden_layers"]
+    expected = {k for k in state if k.startswith((UNET, IPM))} | _expected_vae_keys(vae_cfg)
+    expected |= _expected_openclip_keys("cond_stage_model.model.", n + 1, TEXT_REST)
+    expected |= PERSISTENT_BUFFERS | {"scale_arr"}  # both fixtures' YAMLs set use_scale
+    if name == "vc1_i2v_tiny":
+        vis_cfg = json.loads((tiny_folder / "image_encoder" / "config.json").read_text())
+        rest = ("conv1.weight", "class_embedding", "positional_embedding", "proj")
+        rest += tuple(f"{m}.{p}" for m in ("ln_pre", "ln_post") for p in ("weight", "bias"))
+        expected |= _expected_openclip_keys("embedder.model.visual.", vis_cfg["num_hidden_layers"], rest)
+        expected |= {"embedder.model." + k for k in TEXT_REST}
+    assert set(got) == expected
+    for k in state:
+        if k.startswith((UNET, IPM)):
+            assert torch.equal(got[k], state[k]), k
+    assert not got[f"cond_stage_model.model.transformer.resblocks.{n}.attn.in_proj_weight"].any()
+    assert "ZEROS" in printed and f"transformer.resblocks.{n}." in printed and "logit_scale" in printed
+
+    models = tmp_path / "models"
+    extract_encoders(
+        got,
+        models,
+        tokenizer_dir=str(tiny_folder / "tokenizer"),
+        text_heads=2,
+        vision_heads=2,
+        vae_norm_groups=8,
+    )
+    x = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    ids = torch.randint(0, text_cfg["vocab_size"], (2, 77), generator=torch.Generator().manual_seed(1))
+    vae, back_vae = (AutoencoderKL.from_pretrained(str(d / "vae")).eval() for d in (tiny_folder, models))
+    text = CLIPTextModelWithProjection.from_pretrained(str(tiny_folder / "text_encoder")).eval()
+    back_text = CLIPTextModel.from_pretrained(str(models / "text_encoder")).eval()
+    with torch.no_grad():
+        z = vae.encode(x).latent_dist.mean
+        assert torch.equal(back_vae.encode(x).latent_dist.mean, z)
+        assert torch.equal(back_vae.decode(z).sample, vae.decode(z).sample)
+        assert torch.equal(back_text(input_ids=ids).last_hidden_state, text(input_ids=ids).last_hidden_state)
+        if name == "vc1_i2v_tiny":
+            pixels = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+            vision = CLIPVisionModelWithProjection.from_pretrained(str(tiny_folder / "image_encoder")).eval()
+            back = CLIPVisionModelWithProjection.from_pretrained(str(models / "image_encoder")).eval()
+            assert torch.equal(
+                back(pixel_values=pixels).image_embeds, vision(pixel_values=pixels).image_embeds
+            )

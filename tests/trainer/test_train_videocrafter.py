@@ -24,14 +24,9 @@ UNET = "model.diffusion_model."
 
 def frozen_parts(models: Path) -> dict[str, torch.Tensor]:
     """The tiny set's VAE and text tower in VideoCrafter's layouts (first_stage_model.*, cond_stage_model.*)."""
-    from diffusers import AutoencoderKL
-    from transformers import CLIPTextModelWithProjection
+    from encoders.videocrafter_layout import videocrafter_frozen_state
 
-    from tests.encoders.test_videocrafter import _ldm_vae, _openclip_text
-
-    vae = AutoencoderKL.from_pretrained(str(models / "vae"))
-    text = CLIPTextModelWithProjection.from_pretrained(str(models / "text_encoder"))
-    return {**_ldm_vae(vae.state_dict(), len(vae.config.block_out_channels)), **_openclip_text(text)}
+    return videocrafter_frozen_state(models, image=False)
 
 
 def write_vc2_ckpt(path: Path, frozen: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -177,3 +178,65 @@ class Diffusion:
             "image_dropped": float(drop_image.float().mean()) if image_context is not None else 0.0,
         }
         return loss, stats
+
+
+# Buffers VideoCrafter's DDPM.register_schedule registers persistently (lvlb_weights is persistent=False).
+VIDEOCRAFTER_SCHEDULE_BUFFERS = (
+    "betas",
+    "alphas_cumprod",
+    "alphas_cumprod_prev",
+    "sqrt_alphas_cumprod",
+    "sqrt_one_minus_alphas_cumprod",
+    "log_one_minus_alphas_cumprod",
+    "sqrt_recip_alphas_cumprod",
+    "sqrt_recipm1_alphas_cumprod",
+    "posterior_variance",
+    "posterior_log_variance_clipped",
+    "posterior_mean_coef1",
+    "posterior_mean_coef2",
+)
+
+
+def schedule_buffers(diffusion: Mapping) -> dict[str, torch.Tensor]:
+    """VideoCrafter's persistent schedule buffers for these diffusion settings (trainer.model.presets keys).
+
+    Computed as lvdm/models/ddpm3d.py does: make_beta_schedule("linear") (float64 torch linspace of sqrt(beta),
+    squared, as numpy), float64 numpy math in DDPM.register_schedule with v_posterior=0 (VideoCrafter's default;
+    no released YAML sets it), each stored with torch.tensor(..., dtype=torch.float32); plus ``scale_arr``
+    (LatentDiffusion.__init__) when use_scale. ``scale_factor`` is a buffer only with scale_by_std, which
+    every released YAML turns off, so it is not returned; lvlb_weights and logvar are not persistent.
+    """
+    timesteps = int(diffusion["timesteps"])
+    betas = linear_betas(timesteps, diffusion["linear_start"], diffusion["linear_end"]).numpy()
+    v_posterior = 0.0
+    alphas = 1.0 - betas
+    alphas_cumprod = np.cumprod(alphas, axis=0)
+    alphas_cumprod_prev = np.append(1.0, alphas_cumprod[:-1])
+    posterior_variance = (1 - v_posterior) * betas * (1.0 - alphas_cumprod_prev) / (
+        1.0 - alphas_cumprod
+    ) + v_posterior * betas
+    arrays = {
+        "betas": betas,
+        "alphas_cumprod": alphas_cumprod,
+        "alphas_cumprod_prev": alphas_cumprod_prev,
+        "sqrt_alphas_cumprod": np.sqrt(alphas_cumprod),
+        "sqrt_one_minus_alphas_cumprod": np.sqrt(1.0 - alphas_cumprod),
+        "log_one_minus_alphas_cumprod": np.log(1.0 - alphas_cumprod),
+        "sqrt_recip_alphas_cumprod": np.sqrt(1.0 / alphas_cumprod),
+        "sqrt_recipm1_alphas_cumprod": np.sqrt(1.0 / alphas_cumprod - 1),
+        "posterior_variance": posterior_variance,
+        "posterior_log_variance_clipped": np.log(np.maximum(posterior_variance, 1e-20)),
+        "posterior_mean_coef1": betas * np.sqrt(alphas_cumprod_prev) / (1.0 - alphas_cumprod),
+        "posterior_mean_coef2": (1.0 - alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - alphas_cumprod),
+    }
+    out = {k: torch.tensor(arrays[k], dtype=torch.float32) for k in VIDEOCRAFTER_SCHEDULE_BUFFERS}
+    if diffusion.get("use_scale"):
+        scale = SignalScale(
+            True,
+            diffusion.get("scale_a", 1),
+            diffusion.get("scale_b", 0.3),
+            diffusion.get("mid_step", 400),
+            bool(diffusion.get("fix_scale_bug", False)),
+        )
+        out["scale_arr"] = scale.build(timesteps)
+    return out
