@@ -23,6 +23,23 @@ def _check_resolution(option: str, tag: str) -> str:
     return tag
 
 
+def _check_host(entry) -> str:
+    """A fetch.allowed_hosts entry, normalized: "host" or "host:port" (IPv6 as "[::1]:80"), lowercase."""
+    from urllib.parse import urlsplit
+
+    text = str(entry).strip().lower() if isinstance(entry, (str, int)) else ""
+    try:
+        parts = urlsplit("//" + text)
+        host, port = parts.hostname, parts.port
+    except ValueError:
+        host, port = None, None
+    if not text or not host or any(c in text for c in "/?#@ ") or parts.netloc != text:
+        raise ValueError(f"fetch.allowed_hosts: {entry!r} is not a host or host:port (e.g. 127.0.0.1:8765)")
+    host = host.rstrip(".")
+    shown = f"[{host}]" if ":" in host else host
+    return shown if port is None else f"{shown}:{port}"
+
+
 @dataclass(kw_only=True)
 class SourceConfig:
     """One dataset to encode: its manifest, where its media lives, and the resolution stages to write."""
@@ -68,6 +85,15 @@ class FetchConfig:
     backoff_s: float = 0.5  # first retry wait; doubles each retry
     max_bytes: int = 512 * 1024 * 1024  # files larger than this are rejected as too_large
     threads: int = 16  # concurrent fetches per fetch worker
+    # Manifest URLs are untrusted (web scrapes): what they may point at.
+    allow_local: bool = False  # local paths / file:// anywhere (default: only under media_root or a local
+    # url_rewrite target of the row's source, checked on the real path)
+    allow_private_networks: bool = False  # http(s) to loopback/private/link-local/... addresses (default: no)
+    allowed_hosts: list[str] = field(default_factory=list)  # "host" or "host:port" (names or IP literals)
+    # fetched over http(s) whatever they resolve to, e.g. ["127.0.0.1:8765"]
+    schemes: list[str] = field(default_factory=lambda: ["http", "https"])  # URL schemes manifests may
+    # use, e.g. add "s3", "gs"; local paths follow allow_local/media_root (never listed here)
+    max_redirects: int = 5  # http(s) redirects followed (each hop is checked again)
 
     def __post_init__(self):
         for name in ("connect_timeout_s", "read_timeout_s", "total_timeout_s", "max_bytes", "threads"):
@@ -75,6 +101,33 @@ class FetchConfig:
                 raise ValueError(f"fetch.{name}={getattr(self, name)}: must be > 0")
         if self.retries < 0 or self.backoff_s < 0:
             raise ValueError("fetch.retries and fetch.backoff_s must be >= 0")
+        for name in ("allow_local", "allow_private_networks"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"fetch.{name}={getattr(self, name)!r}: must be true or false")
+        if (
+            not isinstance(self.max_redirects, int)
+            or isinstance(self.max_redirects, bool)
+            or self.max_redirects < 0
+        ):
+            raise ValueError(f"fetch.max_redirects={self.max_redirects!r}: must be an integer >= 0")
+        if not isinstance(self.schemes, (list, tuple)) or not all(isinstance(s, str) for s in self.schemes):
+            raise ValueError(
+                f"fetch.schemes={self.schemes!r}: must be a list of URL schemes, e.g. [http, https]"
+            )
+        self.schemes = [s.strip().lower().removesuffix("://") for s in self.schemes]
+        for scheme in self.schemes:
+            if not re.fullmatch(r"[a-z][a-z0-9+.-]*", scheme):
+                raise ValueError(f"fetch.schemes: {scheme!r} is not a URL scheme (e.g. http, https, s3, gs)")
+            if scheme == "file":
+                raise ValueError(
+                    "fetch.schemes: 'file' is not listed here; local paths are allowed under a source's "
+                    "media_root / local url_rewrite target, or anywhere with fetch.allow_local: true"
+                )
+        if not isinstance(self.allowed_hosts, (list, tuple)):
+            raise ValueError(
+                f"fetch.allowed_hosts={self.allowed_hosts!r}: must be a list of host or host:port"
+            )
+        self.allowed_hosts = [_check_host(h) for h in self.allowed_hosts]
 
 
 @dataclass(kw_only=True)
@@ -94,6 +147,14 @@ class DecodeConfig:
         8192  # address space the decoder may map beyond its loaded libraries (runaway memory)
     )
     decoder_threads: int = 1  # decord threads inside the decoder process
+    # Caps on untrusted media, checked on headers before any pixel is decoded (docs/design.md).
+    # Images (too_many_pixels): 100 MP; decoded as RGBA that is ~0.4 GB, well within memory_limit_mb.
+    max_pixels: int = 100_000_000
+    # Videos (video_too_large): per frame 8K UHD; 16 frames at that size ~1.6 GB before the resize.
+    max_video_pixels: int = 7680 * 4320
+    max_video_side: int = 8192  # width or height (video_too_large): H.264/HEVC level 6.2's widest
+    max_duration_s: float | None = 3600.0  # seconds (too_long); None: no cap
+    max_frames: int | None = 1_000_000  # source frames (too_long): decord indexes every frame; None: no cap
 
     def __post_init__(self):
         if int(self.num_frames) < 1:
@@ -108,6 +169,9 @@ class DecodeConfig:
             raise ValueError(f"decode.start={self.start!r}: use random, start or center")
         if self.timeout_s <= 0 or self.memory_limit_mb < 256:
             raise ValueError("decode.timeout_s must be > 0 and decode.memory_limit_mb >= 256")
+        for name in ("max_pixels", "max_video_pixels", "max_video_side", "max_duration_s", "max_frames"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise ValueError(f"decode.{name}={getattr(self, name)}: must be > 0")
         for stage, sizes in self.buckets.items():
             _check_resolution("decode.buckets key", stage)
             for tag in sizes:

@@ -41,7 +41,7 @@ def decode_array(data: bytes) -> np.ndarray:
             body = memoryview(data)[10 + header_len :]
             if len(body) == dtype.itemsize * math.prod(shape):
                 return np.frombuffer(bytearray(body), dtype=dtype).reshape(shape)
-    return decode_npy(data)
+    return decode_npy(data)  # checks the header (dtype, size) first; never unpickles
 
 
 @dataclass
@@ -107,18 +107,33 @@ def decode_sample(
     missing = [m for m in REQUIRED_MEMBERS if m not in raw]
     if missing:
         raise BadSample("missing_member", f"{where}: missing {missing}")
+    arrays = {}
+    for member in ("latent.npy", "latent_std.npy", "text_tokens.npy", "text_pooled.npy", "image_tokens.npy"):
+        if member in raw:
+            try:
+                arrays[member] = decode_array(raw[member])
+            except Exception as exn:
+                raise BadSample("bad_npy", f"{where}: member {member}: {type(exn).__name__}: {exn}") from None
+    for member, want in shard.index_shapes(row).items():
+        if member in arrays and list(arrays[member].shape) != list(want):
+            raise BadSample(
+                "shape_mismatch",
+                f"{where}: member {member} has shape {list(arrays[member].shape)}, the index says {list(want)}",
+            )
     try:
         meta = json.loads(bytes(raw["json"]))
-        mean = decode_array(raw["latent.npy"])
-        std = decode_array(raw["latent_std.npy"]) if "latent_std.npy" in raw else None
-        text_tokens = decode_array(raw["text_tokens.npy"])
-        text_pooled = decode_array(raw["text_pooled.npy"])
-        image_tokens = decode_array(raw["image_tokens.npy"]) if "image_tokens.npy" in raw else None
+        if not isinstance(meta, dict):
+            raise ValueError(f"json member is a {type(meta).__name__}, not an object")
         caption = bytes(raw["txt"]).decode("utf-8")
     except Exception as exn:
         raise BadSample("bad_member", f"{where}: {type(exn).__name__}: {exn}") from None
+    mean, std = arrays["latent.npy"], arrays.get("latent_std.npy")
+    text_tokens, text_pooled = arrays["text_tokens.npy"], arrays["text_pooled.npy"]
+    image_tokens = arrays.get("image_tokens.npy")
     if std is not None and std.shape != mean.shape:
-        raise BadSample("bad_member", f"{where}: latent_std shape {std.shape} != latent shape {mean.shape}")
+        raise BadSample(
+            "shape_mismatch", f"{where}: latent_std shape {std.shape} != latent shape {mean.shape}"
+        )
     expect._check(
         where, meta.get("stage"), meta.get("vae_id"), meta.get("text_encoder_id"), meta.get("scale_factor")
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import posixpath
 import re
@@ -93,8 +94,40 @@ def encode_npy(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def check_npy(data) -> tuple[np.dtype, tuple]:
+    """(dtype, shape) of .npy bytes after checking them as untrusted input: magic, version, a header parsed
+    by numpy's literal parser, a plain numeric dtype (object dtypes would need pickle: refused) and a body
+    exactly as long as the shape says (so a header claiming a huge shape allocates nothing). ValueError."""
+    head = bytes(data[:16])
+    if head[:6] != b"\x93NUMPY":
+        raise ValueError("not an .npy file (bad magic)")
+    major = head[6]
+    if major not in (1, 2, 3):
+        raise ValueError(f"unsupported .npy version {major}.{head[7]}")
+    width = 2 if major == 1 else 4
+    header_len = int.from_bytes(head[8 : 8 + width], "little")
+    if header_len > 10000:
+        raise ValueError(f".npy header of {header_len} bytes is too long")
+    if major == 3:
+        raise ValueError(".npy version 3 (utf-8 header) is not used by shards")
+    start = 8 + width + header_len
+    read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+    shape, _fortran, dtype = read_header(io.BytesIO(bytes(data[8:start])))  # ast.literal_eval, no eval
+    if dtype.hasobject or dtype.kind not in "biufc":
+        raise ValueError(f".npy dtype {dtype} refused (object or non-numeric; would need pickle)")
+    if any(not isinstance(n, int) or n < 0 for n in shape):
+        raise ValueError(f".npy shape {shape} is invalid")
+    want = dtype.itemsize * math.prod(shape)
+    if len(data) - start != want:
+        raise ValueError(
+            f".npy body is {len(data) - start} bytes, its header ({dtype}, {list(shape)}) says {want}"
+        )
+    return dtype, shape
+
+
 def decode_npy(data: bytes) -> np.ndarray:
-    """.npy bytes to an array; object arrays are refused (allow_pickle=False)."""
+    """.npy bytes to an array after check_npy; object arrays are refused (allow_pickle=False)."""
+    check_npy(data)
     return np.load(io.BytesIO(data), allow_pickle=False)
 
 

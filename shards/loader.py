@@ -170,7 +170,8 @@ class _RankStream(IterableDataset):
 class ShardLoader:
     """Iterate trainer batches from latent shards; `state_dict()`/`load_state_dict()` resume exactly.
 
-    `stats` holds {"batches", "samples", "bad_samples", "bad_reasons", "data_wait_s"} for training logs;
+    `stats` holds {"batches", "samples", "bad_samples", "bad_samples_by_reason", "data_wait_s"} for training
+    logs (bad_samples_by_reason: skipped samples per shards.reader.BAD_REASONS key; "bad_reasons" is an alias);
     `num_samples` the samples per source and `kinds` the kind of each source, from the indexes.
     """
 
@@ -235,7 +236,8 @@ class ShardLoader:
             "batches": self._batches,
             "samples": sum(s["samples"] for s in self._worker_states.values()),
             "bad_samples": sum(bad.values()),
-            "bad_reasons": dict(bad),
+            "bad_samples_by_reason": dict(bad),
+            "bad_reasons": dict(bad),  # the same counts, under their older name
             "data_wait_s": self._data_wait,
         }
 

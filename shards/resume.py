@@ -136,6 +136,9 @@ class SourceStream:
         while pos < self._n:
             shard, row = self._locate(pos)
             for r, raw in read_rows(shard, row, self.storage_options, step=self._stride):
+                if r is None:  # tar content that is no index row's (e.g. members the index lacks)
+                    self.handler(raw)
+                    continue
                 yield pos + (r - row) // self._stride, raw
             pos += len(range(row, shard.num_samples, self._stride))
 

@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 
 from schemas import ARRAY_MEMBERS, REQUIRED_MEMBERS, SAMPLE_MEMBERS
 from shards.format import check_member_name, decode_npy
+from shards.reader import MAX_SAMPLE_BYTES
 from shards.stats_files import ShardFiles
 
 # dtype each .npy member must have, from the schema's field metadata
@@ -70,7 +71,7 @@ class _Sample:
 def _check_array(sample: _Sample, member: str, data: bytes, row: dict, out: list, shard: str) -> None:
     try:
         arr = decode_npy(data)
-    except (ValueError, OSError, EOFError) as e:
+    except (ValueError, OSError, EOFError, MemoryError) as e:  # object dtypes are refused, never unpickled
         out.append(Problem(shard, sample.key, "bad_npy", f"{member}: {e}"))
         return
     want_dtype = MEMBER_DTYPES.get(member)
@@ -147,7 +148,7 @@ def _read_tar(f, shard: str, problems: list[Problem]):
             for info in tar:
                 try:
                     key, member = check_member_name(info.name)
-                except ValueError as e:
+                except ValueError as e:  # '../x', '/tmp/x': reported, never extracted
                     problems.append(Problem(shard, None, "unsafe_member", str(e)))
                     continue
                 if not info.isfile():
@@ -159,6 +160,17 @@ def _read_tar(f, shard: str, problems: list[Problem]):
                     if sample is not None:
                         yield sample
                     sample = _Sample(key, info.offset)
+                if info.size > MAX_SAMPLE_BYTES:  # never read a huge member into memory
+                    problems.append(
+                        Problem(
+                            shard,
+                            key,
+                            "member_too_large",
+                            f"member {info.name!r} is {info.size} bytes > {MAX_SAMPLE_BYTES}; not read",
+                        )
+                    )
+                    sample.end = info.offset_data + ((info.size + 511) // 512) * 512
+                    continue
                 sample.members[member] = tar.extractfile(info).read()
                 sample.end = info.offset_data + ((info.size + 511) // 512) * 512
             if sample is not None:
@@ -173,11 +185,19 @@ def _read_tar(f, shard: str, problems: list[Problem]):
 def _check_end(f, offset: int, shard: str, problems: list[Problem]) -> None:
     """After the last member tarfile stops quietly at zero blocks, at EOF, or at a bad header: tell them apart."""
     f.seek(offset)
-    rest = f.read()
-    if not rest:
-        problems.append(Problem(shard, None, "truncated_tar", f"no end-of-archive blocks at byte {offset}"))
-    elif rest.count(0) != len(rest):
-        problems.append(Problem(shard, None, "corrupt_tar", f"unreadable tar header at byte {offset}"))
+    first = True
+    while True:  # in bounded chunks: the rest of a damaged tar may be large
+        chunk = f.read(1 << 20)
+        if not chunk:
+            if first:
+                problems.append(
+                    Problem(shard, None, "truncated_tar", f"no end-of-archive blocks at byte {offset}")
+                )
+            return
+        first = False
+        if chunk.count(0) != len(chunk):
+            problems.append(Problem(shard, None, "corrupt_tar", f"unreadable tar header at byte {offset}"))
+            return
 
 
 def check_shard(shard: ShardFiles, storage_options: dict | None = None) -> list[dict]:
@@ -214,6 +234,18 @@ def check_shard(shard: ShardFiles, storage_options: dict | None = None) -> list[
                     )
                 )
     seen = set()
+    try:
+        _check_tar(shard, name, by_key, seen, problems, storage_options)
+    except Exception as e:  # noqa: BLE001 - a hostile tar is reported, never a traceback
+        problems.append(Problem(name, None, "corrupt_tar", f"{type(e).__name__}: {e}"))
+    for key in by_key.keys() - seen:
+        problems.append(Problem(name, key, "missing_from_tar", "index row has no sample in the tar"))
+    return [p.as_dict() for p in problems]
+
+
+def _check_tar(
+    shard: ShardFiles, name: str, by_key: dict, seen: set, problems: list, storage_options
+) -> None:
     fs, path = fsspec.core.url_to_fs(shard.tar, **(storage_options or {}))
     with fs.open(path, "rb") as f:
         for sample in _read_tar(f, name, problems):
@@ -229,9 +261,6 @@ def check_shard(shard: ShardFiles, storage_options: dict | None = None) -> list[
                 )
                 continue
             problems.extend(check_sample(sample, by_key[sample.key][1], name))
-    for key in by_key.keys() - seen:
-        problems.append(Problem(name, key, "missing_from_tar", "index row has no sample in the tar"))
-    return [p.as_dict() for p in problems]
 
 
 def check_all(

@@ -13,6 +13,7 @@ the next save or resume removes stale tmp dirs. (The ckpt folder must be shared 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -27,6 +28,29 @@ FROZEN_FILE = (
     "frozen.safetensors"  # the fp32 values of the phase's frozen params (exact under bf16 and ZeRO-1)
 )
 KILL_ENV = "LATENTCRAFTER_TEST_KILL_IN_SAVE"  # tests: SIGKILL rank 0 in the middle of the save at this step
+# tests: "STEP:BYTES": rank 0's files may grow to BYTES during the save at STEP (RLIMIT_FSIZE: the kernel
+# refuses the write, as a full disk would), so the save fails part way
+FSIZE_ENV = "LATENTCRAFTER_TEST_FSIZE_IN_SAVE"
+
+
+class CheckpointWriteError(RuntimeError):
+    """A save that could not write its files; `latest` still names the last complete checkpoint."""
+
+
+@contextlib.contextmanager
+def _test_file_size_limit(rank: int, step: int):
+    spec = os.environ.get(FSIZE_ENV, "")
+    if rank != 0 or not spec or spec.split(":")[0] != str(step):
+        yield
+        return
+    import resource
+
+    old = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (int(spec.split(":")[1]), old[1]))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, old)
 
 
 def _barrier():
@@ -70,7 +94,27 @@ def save(
     frozen: dict[str, torch.Tensor] | None = None,
     keep_last: int = 3,
 ) -> str:
-    """Collective: every rank calls it. Returns the final checkpoint folder."""
+    """Collective: every rank calls it. Returns the final checkpoint folder.
+
+    A write that fails (disk full, quota, I/O error) raises CheckpointWriteError naming the file system error
+    and the checkpoint `latest` still names; the launcher then stops the other ranks, and `--resume` after
+    freeing space continues from that checkpoint.
+    """
+    try:
+        with _test_file_size_limit(rank, trainer_state["global_step"]):
+            return _save(engine, ckpt_root, tag, rank, trainer_state, loader_state, ema, frozen, keep_last)
+    except (OSError, RuntimeError) as exc:  # torch.save reports a refused write as RuntimeError (iostream)
+        if isinstance(exc, CheckpointWriteError):
+            raise
+        last = latest_tag(ckpt_root) if os.path.exists(os.path.join(ckpt_root, "latest")) else None
+        raise CheckpointWriteError(
+            f"rank {rank}: saving checkpoint {tag} into {ckpt_root} failed ({exc}); "
+            + (f"'latest' still names {last}" if last else "no earlier checkpoint exists")
+            + ". If the disk is full or the file system refused the write, free space, then rerun with --resume."
+        ) from exc
+
+
+def _save(engine, ckpt_root, tag, rank, trainer_state, loader_state, ema, frozen, keep_last) -> str:
     tmp = os.path.join(ckpt_root, f"tmp-{tag}")
     final = os.path.join(ckpt_root, tag)
     if rank == 0:

@@ -28,7 +28,9 @@ def init_ray(cfg: RayConfig) -> bool:
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
     if ray.is_initialized():
         return False
-    runtime_env = {"env_vars": dict(WORKER_ENV)}
+    from pipelines.job import faults
+
+    runtime_env = {"env_vars": {**WORKER_ENV, **faults.worker_env()}}
     if cfg.address not in ("auto", "local"):
         ray.init(address=cfg.address, runtime_env=runtime_env, log_to_driver=cfg.worker_logs)
         return False
@@ -67,6 +69,9 @@ class EncoderActor:
         return ray.get_runtime_context().get_node_id()
 
     def encode(self, table):
+        from pipelines.job import faults
+
+        faults.at("encode_actor")
         started = time.perf_counter()
         out = self.stage(table)
         self.busy_s += time.perf_counter() - started

@@ -96,6 +96,34 @@ def _start_servers(config: PipelineConfig) -> tuple[dict[str, dict], list]:
     return rewrites, servers
 
 
+def _local_roots(config: PipelineConfig) -> dict[str, list[str]]:
+    """Per source name: the folders its local paths may be under (fetch refuses other local paths unless
+    fetch.allow_local): its media_root (or the reader's default, JourneyDB's <manifest dir>/imgs) and the
+    local targets of its url_rewrite."""
+    from pipelines.sources import READERS
+    from pipelines.sources.base import is_url
+
+    roots: dict[str, list[str]] = {}
+    for src in config.sources:
+        media_root = src.media_root or READERS[src.name].default_media_root(src.manifest)
+        found = roots.setdefault(src.name, [])
+        for root in (media_root, *src.url_rewrite.values()):
+            if root and (not is_url(root) or root.startswith("file://")):
+                root = _local(root.removeprefix("file://"))
+                if root not in found:
+                    found.append(root)
+    return roots
+
+
+def _allow_servers(config: PipelineConfig, servers: list) -> PipelineConfig:
+    """The job's own sample servers (127.0.0.1:PORT, started for serve_root) added to fetch.allowed_hosts:
+    loopback is refused otherwise, and the job knows these are its own."""
+    if not servers:
+        return config
+    hosts = [*config.fetch.allowed_hosts, *(s.url.removeprefix("http://") for s in servers)]
+    return dataclasses.replace(config, fetch=dataclasses.replace(config.fetch, allowed_hosts=hosts))
+
+
 def _progress(total: int, enabled: bool):
     from tqdm import tqdm
 
@@ -112,6 +140,7 @@ def _settings(config: PipelineConfig) -> dict:
         "seed": config.seed,
         "filters": dataclasses.asdict(config.filters),
         "fetch": dataclasses.asdict(config.fetch),
+        "local_roots": _local_roots(config),
         "decode": dataclasses.asdict(config.decode),
         "rows_per_unit": config.ray.rows_per_unit,
         "encode_batch_size": config.ray.encode_batch_size,
@@ -179,6 +208,7 @@ def run(config: PipelineConfig) -> dict:
     fs.makedirs(root, exist_ok=True)
     stale = clean_temporaries(config.out_dir)
     rewrites, servers = _start_servers(config)
+    config = _allow_servers(config, servers)
     started_ray = init_ray(config.ray)
     import ray
 

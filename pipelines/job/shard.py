@@ -8,6 +8,7 @@ import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 
+from pipelines.job import faults
 from pipelines.stages.rows import failed, rows_of, table_of
 
 _STAGES: dict[str, tuple] = {}  # per worker process: stages are built once and reused by its next tasks
@@ -19,12 +20,15 @@ def _stages(settings: dict) -> tuple:
     from pipelines.stages.fetch import FetchStage
     from pipelines.stages.filters import FilterStage
 
-    cache_key = json.dumps([settings["filters"], settings["fetch"], settings["decode"], settings["seed"]])
+    local_roots = settings.get("local_roots") or {}  # source -> folders its local paths may be under
+    cache_key = json.dumps(
+        [settings["filters"], settings["fetch"], local_roots, settings["decode"], settings["seed"]]
+    )
     if cache_key not in _STAGES:
         _STAGES.clear()  # a new job's settings: drop the old decoder process
         _STAGES[cache_key] = (
             FilterStage(settings["filters"], "metadata"),
-            FetchStage(settings["fetch"]),
+            FetchStage(settings["fetch"], local_roots=local_roots),  # the row's source picks its roots
             DecodeStage(settings["decode"], seed=settings["seed"]),
         )
     return _STAGES[cache_key]
@@ -47,7 +51,8 @@ def _pick_encoder(encoders: list[tuple], shard: int):
 def encode_shard(task: dict, encoders: list[tuple], settings: dict) -> dict:
     """Write output shard `task["shard"]` of (source, stage) and return its summary, never its samples.
 
-    settings: out_dir, clip_retrieval, seed, filters, fetch, decode (dicts), rows_per_unit, encode_batch_size.
+    settings: out_dir, clip_retrieval, seed, filters, fetch, decode (dicts), local_roots (source -> folders),
+    rows_per_unit, encode_batch_size.
     The next unit is fetched (threads) while this one decodes; two encoder calls stay in flight. Any failure
     drops the unfinished shard (its temp tar) and raises: the shard is redone by a retry or the next run.
     """
@@ -58,6 +63,7 @@ def encode_shard(task: dict, encoders: list[tuple], settings: dict) -> dict:
 
     started = time.perf_counter()
     filter_stage, fetch_stage, decode_stage = _stages(settings)
+    faults.at("read", task)
     rows = read_shard(task)
     sink = ShardSink(
         settings["out_dir"],
@@ -72,6 +78,7 @@ def encode_shard(task: dict, encoders: list[tuple], settings: dict) -> dict:
     units = [rows[i : i + unit] for i in range(0, len(rows), unit)]
 
     def prepare(unit_rows: list[dict]) -> list[dict]:
+        faults.at("fetch", task)
         return list(fetch_stage.pool.map(fetch_stage.fetch_row, map(filter_stage.filter_row, unit_rows)))
 
     in_flight: deque = deque()  # encoder results (ObjectRefs) or rows that need no encoder, in row order
@@ -84,18 +91,20 @@ def encode_shard(task: dict, encoders: list[tuple], settings: dict) -> dict:
             t = time.perf_counter()
             rows = rows_of(ray.get(item)) if isinstance(item, ray.ObjectRef) else item
             t2 = time.perf_counter()
+            faults.at("write", task)
             sink.add(rows)
             spent["encode_wait"] += t2 - t
             spent["write"] += time.perf_counter() - t2
 
     try:
-        with ThreadPoolExecutor(1, thread_name_prefix="prefetch") as prefetch:
+        with faults.write_limit(task), ThreadPoolExecutor(1, thread_name_prefix="prefetch") as prefetch:
             upcoming = prefetch.submit(prepare, units[0]) if units else None
             for i in range(len(units)):
                 t = time.perf_counter()
                 fetched = upcoming.result()
                 upcoming = prefetch.submit(prepare, units[i + 1]) if i + 1 < len(units) else None
                 t2 = time.perf_counter()
+                faults.at("decode", task)
                 decoded = decode_stage.decode_rows(fetched)
                 spent["fetch_wait"] += t2 - t
                 spent["decode"] += time.perf_counter() - t2
@@ -107,10 +116,10 @@ def encode_shard(task: dict, encoders: list[tuple], settings: dict) -> dict:
                         encoder = encoder or _pick_encoder(encoders, int(task["shard"]))
                         in_flight.append(encoder.encode.remote(table_of(part, zero_copy=("frames",))))
                     drain(keep=2)
-        drain(keep=0)
-        t = time.perf_counter()
-        summary = sink.close()
-        spent["write"] += time.perf_counter() - t
+            drain(keep=0)
+            t = time.perf_counter()
+            summary = sink.close()
+            spent["write"] += time.perf_counter() - t
     except BaseException:
         sink.abort()
         raise

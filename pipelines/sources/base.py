@@ -119,6 +119,11 @@ class SourceReader:
         self._check()
 
     # --- what subclasses provide -------------------------------------------------------------
+    @staticmethod
+    def default_media_root(manifest: str) -> str | None:
+        """Where the media is when no media_root is configured (None: the manifest's URLs)."""
+        return None
+
     def _check(self) -> None:
         raise NotImplementedError
 

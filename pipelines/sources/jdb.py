@@ -85,9 +85,13 @@ class JourneyDBReader(SourceReader):
             )
         check_required_columns(self.manifest, self.name, first, JDB_REQUIRED)
         if self.media_root is None:
-            self.media_root = manifest_dir(self.manifest) + "/imgs"
+            self.media_root = self.default_media_root(self.manifest)
         self._num_rows: int | None = None
         self._archives: dict[str, str | None] = {}  # folder -> tar URL of its .tgz, or None: the folder
+
+    @staticmethod
+    def default_media_root(manifest: str) -> str:
+        return manifest_dir(manifest) + "/imgs"
 
     @property
     def num_rows(self) -> int:

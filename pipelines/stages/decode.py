@@ -233,6 +233,11 @@ class DecodeStage:
             "known_height": row.get("height"),
             "fps": row.get("fps"),
             "threads": cfg.decoder_threads,
+            "max_pixels": cfg.max_pixels,
+            "max_video_pixels": cfg.max_video_pixels,
+            "max_video_side": cfg.max_video_side,
+            "max_duration_s": cfg.max_duration_s,
+            "max_frames": cfg.max_frames,
         }
 
     def decode_rows(self, rows: list[dict]) -> list[dict]:

@@ -10,6 +10,7 @@ import pickle
 import struct
 import sys
 import time
+import warnings
 import zlib
 
 import numpy as np
@@ -153,6 +154,60 @@ def mp4_size(src) -> tuple[int, int] | None:
     return None
 
 
+def _cap(req: dict, name: str):
+    """A size cap from the request (None: no cap)."""
+    value = req.get(name)
+    return None if value is None else float(value)
+
+
+def check_video(req: dict, width: int, height: int, frames: int | None, duration: float | None) -> None:
+    """DecodeFailure if a video is over the request's caps: video_too_large (frame size) or too_long."""
+    cap_px, cap_side = _cap(req, "max_video_pixels"), _cap(req, "max_video_side")
+    if cap_px is not None and width * height > cap_px:
+        raise DecodeFailure(
+            "video_too_large",
+            f"{width}x{height} = {width * height} pixels > decode.max_video_pixels={cap_px:.0f}",
+        )
+    if cap_side is not None and max(width, height) > cap_side:
+        raise DecodeFailure(
+            "video_too_large", f"{width}x{height}: a side > decode.max_video_side={cap_side:.0f}"
+        )
+    cap_s, cap_n = _cap(req, "max_duration_s"), _cap(req, "max_frames")
+    if cap_s is not None and duration is not None and duration > cap_s:
+        raise DecodeFailure("too_long", f"{duration:.1f} s > decode.max_duration_s={cap_s:g}")
+    if cap_n is not None and frames is not None and frames > cap_n:
+        raise DecodeFailure("too_long", f"{frames} frames > decode.max_frames={cap_n:.0f}")
+
+
+def probe_video(req: dict) -> tuple[int, int]:
+    """(width, height) of the first video stream from the container's headers (PyAV: no frames decoded
+    here), after checking the caps. no_video_stream for audio-only and zero-stream files."""
+    import av
+
+    try:
+        with av.open(_source(req), metadata_errors="ignore") as container:
+            if not container.streams.video:
+                kinds = sorted({s.type for s in container.streams}) or ["no streams"]
+                raise DecodeFailure("no_video_stream", f"streams: {', '.join(kinds)}")
+            stream = container.streams.video[0]
+            width, height = int(stream.codec_context.width or 0), int(stream.codec_context.height or 0)
+            frames = int(stream.frames or 0) or None  # 0: the header does not say
+            if stream.duration and stream.time_base:
+                duration = float(stream.duration * stream.time_base)
+            elif container.duration:
+                duration = container.duration / av.time_base
+            else:
+                duration = None
+    except DecodeFailure:
+        raise
+    except Exception as exc:  # av.FFmpegError (not a container FFmpeg knows), OSError, ...
+        raise DecodeFailure("undecodable", f"{type(exc).__name__}: {str(exc)[:300]}") from exc
+    if width <= 0 or height <= 0:
+        raise DecodeFailure("undecodable", f"the video stream has no frame size ({width}x{height})")
+    check_video(req, width, height, frames, duration)
+    return width, height
+
+
 # Measured (benchmarks/bench_decode.py, 1 thread): at 596x336 -> 256x256 decord's decode-time scaling
 # costs 4 ms/clip more than decoding full size and resizing the crop; at 1280x720 it saves 10 ms.
 DECODE_RESIZE_MIN_RATIO = 2.0
@@ -170,6 +225,7 @@ def decode_video(req: dict) -> dict:
     import decord
 
     src = _source(req)
+    probe_video(req)  # headers only: caps and stream checks before decord opens the file
     threads = int(req.get("threads", 1))
     size, scaled = None, {}
     if req.get("decode_resize"):  # decord scales while decoding (cheap) when the source size is known
@@ -187,6 +243,7 @@ def decode_video(req: dict) -> dict:
         fps = float(req.get("fps") or 0.0)
         if fps <= 0:
             raise DecodeFailure("undecodable", "the video has no frame rate")
+    check_video(req, 0, 0, num_src, num_src / fps)  # decord's own count: headers can understate it
     indices, stride = plan_clip(num_src, fps, req)
     try:
         frames = _as_tensor(vr.get_batch(indices))
@@ -215,20 +272,37 @@ def decode_image(req: dict) -> dict:
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     src = _source(req)
+    cap = int(req["max_pixels"]) if req.get("max_pixels") else None
+    bomb_limit = Image.MAX_IMAGE_PIXELS
     try:
-        img = Image.open(src)
-        if req.get("decode_resize") and img.format == "JPEG":  # decode-time downscale (DCT scaling)
+        with warnings.catch_warnings():
+            # PIL's own bomb check (a warning over MAX_IMAGE_PIXELS, an error over twice that) at our cap,
+            # its warning raised: any path on which PIL meets a huge size ends as too_many_pixels.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            if cap:
+                Image.MAX_IMAGE_PIXELS = cap
+            img = Image.open(src)  # lazy: reads the header only
             ow, oh = img.size
-            tw, th = _target(req, ow, oh)
-            img.draft("RGB", cover_size(ow, oh, tw, th))
-            img.info["orig_size"] = (ow, oh)
-        orig = img.info.get("orig_size", img.size)
-        img.load()
-        img = ImageOps.exif_transpose(img)
+            if cap and ow * oh > cap:  # before draft() and load(): nothing is decoded yet
+                raise DecodeFailure(
+                    "too_many_pixels", f"{ow}x{oh} = {ow * oh} pixels > decode.max_pixels={cap}"
+                )
+            if req.get("decode_resize") and img.format == "JPEG":  # decode-time downscale (DCT scaling)
+                tw, th = _target(req, ow, oh)
+                img.draft("RGB", cover_size(ow, oh, tw, th))
+            orig = (ow, oh)
+            img.load()
+            img = ImageOps.exif_transpose(img)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise DecodeFailure("too_many_pixels", f"{str(exc)[:300]} (decode.max_pixels={cap})") from exc
+    except DecodeFailure:
+        raise
     except UnidentifiedImageError as exc:
         raise DecodeFailure("not_an_image", str(exc)[:300]) from exc
-    except Exception as exc:  # truncated data, decompression bombs, ...
+    except Exception as exc:  # truncated data, broken headers, ...
         raise DecodeFailure("undecodable", f"{type(exc).__name__}: {str(exc)[:300]}") from exc
+    finally:
+        Image.MAX_IMAGE_PIXELS = bomb_limit
     if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -376,6 +450,7 @@ def serve(memory_limit_mb: int, shared_fds: list[int] | None = None) -> None:
     os.dup2(2, 1)
     sys.stdout = sys.stderr
     inp = sys.stdin.buffer
+    import av  # noqa: F401  (the header probe; loaded before the memory limit like decord)
     import decord  # noqa: F401  (loaded before the memory limit: the limit is for decoding)
     import torch
     from PIL import Image  # noqa: F401

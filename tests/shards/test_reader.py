@@ -160,9 +160,10 @@ def test_truncated_tar_and_bad_member_are_skipped_and_counted(tmp_path):
     cfg = make_config({"webvid": (f"{tmp_path}/*.tar", 1.0)}, on_bad_sample="skip", resampled=False)
     loader = ShardLoader(cfg)
     got = [k for b in loader for k in b["keys"]]
-    assert len(got) == len(set(got)) == 24 - 1 - loader.stats["bad_reasons"]["bad_tar"]
-    assert loader.stats["bad_reasons"]["bad_member"] == 1 and "webvid_003_0002" not in got
-    assert 2 <= loader.stats["bad_reasons"]["bad_tar"] <= 4
+    by_reason = loader.stats["bad_samples_by_reason"]
+    assert len(got) == len(set(got)) == 24 - 1 - by_reason["truncated"]
+    assert by_reason["bad_npy"] == 1 and "webvid_003_0002" not in got
+    assert 2 <= by_reason["truncated"] <= 4
     assert loader.stats["bad_samples"] == 24 - len(got)
     assert set(keys[:6]) <= set(got)  # shard 0 untouched
     with pytest.raises(BadSample):
@@ -195,6 +196,7 @@ def test_unsafe_member_name_is_a_bad_sample(tmp_path):
     loader = ShardLoader(make_config({"webvid": (str(tar), 1.0)}, on_bad_sample="skip", resampled=False))
     got = [k for b in loader for k in b["keys"]]
     assert "webvid_000_0000" in got and loader.stats["bad_samples"] >= 1
+    assert loader.stats["bad_samples_by_reason"]["unsafe_member_name"] == 1
 
 
 def test_config_errors_name_the_option(two_sources):

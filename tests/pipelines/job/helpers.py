@@ -52,6 +52,7 @@ def job_config(data: Path, models: Path, out: Path, server_url: str, **overrides
             "total_timeout_s": 30,
             "retries": 1,
             "backoff_s": 0.1,
+            "allowed_hosts": [server_url.removeprefix("http://")],  # the test server: loopback, so explicit
         },
         "decode": {"num_frames": 8, "frame_stride": 2, "timeout_s": 60, "memory_limit_mb": 4096},
         "filters": {"max_punsafe": 0.5},

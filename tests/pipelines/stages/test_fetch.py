@@ -74,42 +74,54 @@ def server():
 
 
 CFG = FetchConfig(
-    connect_timeout_s=2, read_timeout_s=0.5, total_timeout_s=5, retries=2, backoff_s=0.05, max_bytes=20_000
+    connect_timeout_s=2,
+    read_timeout_s=0.5,
+    total_timeout_s=5,
+    retries=2,
+    backoff_s=0.05,
+    max_bytes=20_000,
+    schemes=["http", "https", "memory"],
 )
 
 
-def _reason(uri: str, cfg: FetchConfig = CFG) -> str:
+@pytest.fixture(scope="module")
+def cfg(server):
+    """CFG allowing the test server (loopback is refused unless allowed explicitly)."""
+    return FetchConfig(**{**CFG.__dict__, "allowed_hosts": [server.removeprefix("http://")]})
+
+
+def _reason(uri: str, cfg: FetchConfig = CFG, **kw) -> str:
     with pytest.raises(FetchError) as info:
-        fetch_one(uri, cfg)
+        fetch_one(uri, cfg, **kw)
     return info.value.reason
 
 
-def test_ok_and_404(server):
-    assert fetch_one(f"{server}/ok", CFG).data == BODY
+def test_ok_and_404(server, cfg):
+    assert fetch_one(f"{server}/ok", cfg).data == BODY
     Handler.hits.pop("/missing", None)
-    assert _reason(f"{server}/missing") == "http_404"
+    assert _reason(f"{server}/missing", cfg) == "http_404"
     assert Handler.hits["/missing"] == 1, "a 404 is not retried"
 
 
-def test_too_large_by_header_and_by_stream(server):
-    assert _reason(f"{server}/big") == "too_large"
-    assert _reason(f"{server}/big-chunked") == "too_large"
+def test_too_large_by_header_and_by_stream(server, cfg):
+    assert _reason(f"{server}/big", cfg) == "too_large"
+    assert _reason(f"{server}/big-chunked", cfg) == "too_large"
 
 
-def test_slow_response_times_out_after_retries(server):
+def test_slow_response_times_out_after_retries(server, cfg):
     Handler.hits.pop("/slow", None)
     start = time.monotonic()
-    assert _reason(f"{server}/slow") == "timeout"
+    assert _reason(f"{server}/slow", cfg) == "timeout"
     assert Handler.hits["/slow"] == 3  # first try + fetch.retries
     assert time.monotonic() - start < 4 * 2.0
 
 
-def test_server_errors_are_retried_with_backoff(server):
+def test_server_errors_are_retried_with_backoff(server, cfg):
     Handler.hits.pop("/flaky", None)
-    assert fetch_one(f"{server}/flaky", CFG).data == BODY
+    assert fetch_one(f"{server}/flaky", cfg).data == BODY
     assert Handler.hits["/flaky"] == 3
     Handler.hits.pop("/flaky", None)
-    no_retry = FetchConfig(**{**CFG.__dict__, "retries": 0})
+    no_retry = FetchConfig(**{**cfg.__dict__, "retries": 0})
     assert _reason(f"{server}/flaky", no_retry) == "http_503"
 
 
@@ -119,17 +131,19 @@ def test_refused_connection_is_fetch_failed():
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    assert _reason(f"http://127.0.0.1:{port}/x", FetchConfig(retries=0)) == "fetch_failed"
+    allowed = FetchConfig(retries=0, allowed_hosts=[f"127.0.0.1:{port}"])
+    assert _reason(f"http://127.0.0.1:{port}/x", allowed) == "fetch_failed"
 
 
 def test_local_paths(tmp_path):
     media = tmp_path / "a.bin"
     media.write_bytes(b"abc")
-    assert fetch_one(str(media), CFG).local_path == str(media)
-    assert fetch_one(f"file://{media}", CFG).local_path == str(media)
-    assert _reason(str(tmp_path / "nope.mp4")) == "not_found"
+    roots = [str(tmp_path)]  # local paths are fetched under a media_root only (or with fetch.allow_local)
+    assert fetch_one(str(media), CFG, local_roots=roots).local_path == str(media)
+    assert fetch_one(f"file://{media}", CFG, local_roots=roots).local_path == str(media)
+    assert _reason(str(tmp_path / "nope.mp4"), local_roots=roots) == "not_found"
     (tmp_path / "big.bin").write_bytes(b"0" * 30_000)
-    assert _reason(str(tmp_path / "big.bin")) == "too_large"
+    assert _reason(str(tmp_path / "big.bin"), local_roots=roots) == "too_large"
     memory = "memory://lc-test/x.bin"  # any other fsspec scheme goes through fsspec
     import fsspec
 
@@ -139,7 +153,7 @@ def test_local_paths(tmp_path):
     assert _reason("memory://lc-test/none.bin") == "not_found"
 
 
-def test_stage_turns_failures_into_error_rows(server, tmp_path):
+def test_stage_turns_failures_into_error_rows(server, cfg, tmp_path):
     rows = [
         new_row(
             key="a",
@@ -169,7 +183,7 @@ def test_stage_turns_failures_into_error_rows(server, tmp_path):
             shard_rows=3,
         ),
     ]
-    out = rows_of(FetchStage(CFG)(table_of(rows)))
+    out = rows_of(FetchStage(cfg)(table_of(rows)))
     assert [r["key"] for r in out] == ["a", "b", "c"]
     assert out[0]["data"] == BODY and out[0]["err_stage"] == ""
     assert (out[1]["err_stage"], out[1]["err_reason"]) == ("fetch", "http_404")
