@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import math
 import mmap
 import os
@@ -15,13 +14,15 @@ import zlib
 
 import numpy as np
 
-
-class DecodeFailure(Exception):
-    """A rejected item: `reason` is the error row's reason (undecodable, too_short, ...)."""
-
-    def __init__(self, reason: str, detail: str):
-        super().__init__(f"{reason}: {detail}")
-        self.reason, self.detail = reason, detail
+from pipelines.stages.media_caps import (
+    DecodeFailure,
+    _source,
+    check_image,
+    check_video,
+    image_pixel_cap,
+    mp4_size,
+    probe_video,
+)
 
 
 # ---- sizes ------------------------------------------------------------------------------------------
@@ -103,111 +104,6 @@ def _target(req: dict, width: int, height: int) -> tuple[int, int]:
 
 
 # ---- decoders ---------------------------------------------------------------------------------------
-def _source(req: dict):
-    if req.get("path"):
-        if os.path.getsize(req["path"]) == 0:
-            raise DecodeFailure("empty_file", f"{req['path']} is empty")
-        return req["path"]
-    data = req.get("data") or b""
-    if not data:
-        raise DecodeFailure("empty_file", "no bytes")
-    return io.BytesIO(data)
-
-
-def _boxes(f, start: int, end: int):
-    pos = start
-    while pos + 8 <= end:
-        f.seek(pos)
-        size, kind = struct.unpack(">I4s", f.read(8))
-        header = 8
-        if size == 1:
-            size, header = struct.unpack(">Q", f.read(8))[0], 16
-        elif size == 0:
-            size = end - pos
-        if size < header:
-            return
-        yield kind, pos + header, pos + size
-        pos += size
-
-
-def mp4_size(src) -> tuple[int, int] | None:
-    """(width, height) of an MP4/MOV's first video track from its tkhd box, without decoding; None if unknown."""
-    try:
-        f = open(src, "rb") if isinstance(src, str) else src
-        with f:
-            f.seek(0, 2)
-            end = f.tell()
-            for kind, s, e in _boxes(f, 0, end):
-                if kind != b"moov":
-                    continue
-                for kind2, s2, e2 in _boxes(f, s, e):
-                    if kind2 != b"trak":
-                        continue
-                    for kind3, _s3, e3 in _boxes(f, s2, e2):
-                        if kind3 == b"tkhd":
-                            f.seek(e3 - 8)
-                            w, h = struct.unpack(">II", f.read(8))
-                            if w >> 16 and h >> 16:
-                                return w >> 16, h >> 16
-    except (OSError, struct.error):
-        pass
-    return None
-
-
-def _cap(req: dict, name: str):
-    """A size cap from the request (None: no cap)."""
-    value = req.get(name)
-    return None if value is None else float(value)
-
-
-def check_video(req: dict, width: int, height: int, frames: int | None, duration: float | None) -> None:
-    """DecodeFailure if a video is over the request's caps: video_too_large (frame size) or too_long."""
-    cap_px, cap_side = _cap(req, "max_video_pixels"), _cap(req, "max_video_side")
-    if cap_px is not None and width * height > cap_px:
-        raise DecodeFailure(
-            "video_too_large",
-            f"{width}x{height} = {width * height} pixels > decode.max_video_pixels={cap_px:.0f}",
-        )
-    if cap_side is not None and max(width, height) > cap_side:
-        raise DecodeFailure(
-            "video_too_large", f"{width}x{height}: a side > decode.max_video_side={cap_side:.0f}"
-        )
-    cap_s, cap_n = _cap(req, "max_duration_s"), _cap(req, "max_frames")
-    if cap_s is not None and duration is not None and duration > cap_s:
-        raise DecodeFailure("too_long", f"{duration:.1f} s > decode.max_duration_s={cap_s:g}")
-    if cap_n is not None and frames is not None and frames > cap_n:
-        raise DecodeFailure("too_long", f"{frames} frames > decode.max_frames={cap_n:.0f}")
-
-
-def probe_video(req: dict) -> tuple[int, int]:
-    """(width, height) of the first video stream from the container's headers (PyAV: no frames decoded
-    here), after checking the caps. no_video_stream for audio-only and zero-stream files."""
-    import av
-
-    try:
-        with av.open(_source(req), metadata_errors="ignore") as container:
-            if not container.streams.video:
-                kinds = sorted({s.type for s in container.streams}) or ["no streams"]
-                raise DecodeFailure("no_video_stream", f"streams: {', '.join(kinds)}")
-            stream = container.streams.video[0]
-            width, height = int(stream.codec_context.width or 0), int(stream.codec_context.height or 0)
-            frames = int(stream.frames or 0) or None  # 0: the header does not say
-            if stream.duration and stream.time_base:
-                duration = float(stream.duration * stream.time_base)
-            elif container.duration:
-                duration = container.duration / av.time_base
-            else:
-                duration = None
-    except DecodeFailure:
-        raise
-    except Exception as exc:  # av.FFmpegError (not a container FFmpeg knows), OSError, ...
-        raise DecodeFailure("undecodable", f"{type(exc).__name__}: {str(exc)[:300]}") from exc
-    if width <= 0 or height <= 0:
-        raise DecodeFailure("undecodable", f"the video stream has no frame size ({width}x{height})")
-    check_video(req, width, height, frames, duration)
-    return width, height
-
-
 # Measured (benchmarks/bench_decode.py, 1 thread): at 596x336 -> 256x256 decord's decode-time scaling
 # costs 4 ms/clip more than decoding full size and resizing the crop; at 1280x720 it saves 10 ms.
 DECODE_RESIZE_MIN_RATIO = 2.0
@@ -272,7 +168,7 @@ def decode_image(req: dict) -> dict:
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     src = _source(req)
-    cap = int(req["max_pixels"]) if req.get("max_pixels") else None
+    cap = image_pixel_cap(req)
     bomb_limit = Image.MAX_IMAGE_PIXELS
     try:
         with warnings.catch_warnings():
@@ -283,10 +179,7 @@ def decode_image(req: dict) -> dict:
                 Image.MAX_IMAGE_PIXELS = cap
             img = Image.open(src)  # lazy: reads the header only
             ow, oh = img.size
-            if cap and ow * oh > cap:  # before draft() and load(): nothing is decoded yet
-                raise DecodeFailure(
-                    "too_many_pixels", f"{ow}x{oh} = {ow * oh} pixels > decode.max_pixels={cap}"
-                )
+            check_image(ow, oh, cap)  # before draft() and load(): nothing is decoded yet
             if req.get("decode_resize") and img.format == "JPEG":  # decode-time downscale (DCT scaling)
                 tw, th = _target(req, ow, oh)
                 img.draft("RGB", cover_size(ow, oh, tw, th))
@@ -450,7 +343,7 @@ def serve(memory_limit_mb: int, shared_fds: list[int] | None = None) -> None:
     os.dup2(2, 1)
     sys.stdout = sys.stderr
     inp = sys.stdin.buffer
-    import av  # noqa: F401  (the header probe; loaded before the memory limit like decord)
+    import av  # noqa: F401  (media_caps.probe_video; loaded before the memory limit like decord)
     import decord  # noqa: F401  (loaded before the memory limit: the limit is for decoding)
     import torch
     from PIL import Image  # noqa: F401
