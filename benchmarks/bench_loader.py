@@ -4,6 +4,9 @@ Prints samples/s and MB/s for (a) a bare sequential tar read (the limit), (b) th
 (shuffle, decode, latent sampling, collate), and (c) DynamiCrafter-style on-the-fly loading of the
 same clips (decord decode of an mp4 + resize + diffusers.AutoencoderKL encode) with the tiny VAE and
 with a real-size SD VAE (random init). Targets: loader >= 0.8x bare read; loader >= 50x on-the-fly.
+Then (d) aspect buckets: the loader over 512x320 shards whose samples fall in the stage's three buckets
+(512x320, 320x512, 384x384) with `bucketing: true`, vs the same number of one-size 512x320 samples
+without bucketing (`--buckets-only` runs just this part).
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_loader.py --help
 """
@@ -181,6 +184,90 @@ def loader_read(urls, workers: int, batch: int, sample: bool = True) -> tuple[in
     return n, nbytes, elapsed
 
 
+def write_bucket_shards(out_dir: str, *, samples: int, per_shard: int, frames: int, text_dim: int, buckets):
+    """512x320 shards of random latents (downsample 8); shard i holds bucket i % len(buckets)."""
+    rng = np.random.default_rng(1)
+    urls = []
+    for s in range(0, samples, per_shard):
+        w, h = buckets[(s // per_shard) % len(buckets)]
+        shape = [4, frames, h // 8, w // 8]
+        writer = ShardWriter(out_dir, shard_stem("bench", "512x320", s // per_shard))
+        for i in range(s, min(samples, s + per_shard)):
+            key = f"bench_{i:06d}"
+            ids = dict(scale_factor=0.18215, vae_id="bench-vae", text_encoder_id="bench-clip")
+            meta = dict(key=key, source="bench", origin_key=key, kind="video", sample_fps=8.0, **ids)
+            meta.update(stage="512x320", width=w, height=h)
+            members = {
+                "latent.npy": rng.standard_normal(shape).astype(np.float16),
+                "latent_std.npy": rng.random(shape).astype(np.float16),
+                "txt": f"clip {i}",
+                "text_tokens.npy": rng.standard_normal((77, text_dim)).astype(np.float16),
+                "text_pooled.npy": rng.standard_normal(text_dim).astype(np.float16),
+                "json": meta,
+            }
+            row = dict(source="bench", origin_key=key, kind="video", stage="512x320", width=w, height=h)
+            writer.write(key, members, dict(row, latent_shape=shape, **ids))
+        writer.close()
+        urls.append(writer.paths.tar)
+    return urls
+
+
+def bucket_read(urls, workers: int, batch: int, bucketing: bool) -> tuple[int, int, float, set]:
+    """One bounded pass: (samples, batches, seconds, latent shapes seen); each batch must have one shape."""
+    cfg = LoaderConfig(
+        sources=[SourceSpec(name="bench", urls=urls)],
+        stage="512x320",
+        video_batch_size=batch,
+        image_batch_size=batch,
+        resampled=False,
+        num_workers=workers,
+        shuffle_buffer=64,
+        sample_latents=False,
+        return_latent_std=True,
+        bucketing=bucketing,
+    )
+    start, n, batches, shapes = time.perf_counter(), 0, 0, set()
+    for b in ShardLoader(cfg):
+        n, batches = n + len(b["keys"]), batches + 1
+        shapes.add(tuple(b["latent"].shape[1:]))
+    return n, batches, time.perf_counter() - start, shapes
+
+
+def bucket_comparison(tmp: str, args, console: Console) -> None:
+    """(d): loader throughput with aspect buckets vs one-size shards without, same sample count."""
+    buckets = [(512, 320), (320, 512), (384, 384)]
+    kw = dict(
+        samples=args.samples, per_shard=args.per_shard, frames=args.bucket_frames, text_dim=args.text_dim
+    )
+    mixed = write_bucket_shards(os.path.join(tmp, "bucketed"), buckets=buckets, **kw)
+    plain = write_bucket_shards(os.path.join(tmp, "plain"), buckets=buckets[:1], **kw)
+    rows = []
+    for label, urls, on in (
+        ("one size, bucketing off", plain, False),
+        ("3 buckets, bucketing on", mixed, True),
+    ):
+        bucket_read(urls, args.workers, args.batch, on)  # warm the page cache
+        runs = [bucket_read(urls, args.workers, args.batch, on) for _ in track(range(args.repeats), label)]
+        rows.append((label, min(runs, key=lambda r: r[2]), sum(os.path.getsize(u) for u in urls)))
+    table = Table(
+        title=f"aspect buckets: stage 512x320, {args.bucket_frames} frames, batch {args.batch} (pixel budget), "
+        f"{args.samples} samples, workers={args.workers}"
+    )
+    for col in ("loader", "samples/s", "batches/s", "MB/s", "latent shapes", "ratio"):
+        table.add_column(col)
+    base = rows[0][1][0] / rows[0][1][2]
+    for label, (n, batches, secs, shapes), nbytes in rows:
+        table.add_row(
+            label,
+            f"{n / secs:.1f}",
+            f"{batches / secs:.1f}",
+            f"{nbytes / secs / 1e6:.1f}",
+            str(len(shapes)),
+            f"{n / secs / base:.2f}",
+        )
+    console.print(table)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--samples", type=int, default=256, help="samples in the shards")
@@ -193,11 +280,17 @@ def main(argv=None) -> int:
     p.add_argument("--workers", type=int, default=0, help="ShardLoader num_workers")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--repeats", type=int, default=3, help="timed passes; the best is reported")
+    p.add_argument("--bucket-frames", type=int, default=8, help="frames of the aspect-bucket comparison")
+    p.add_argument("--buckets-only", action="store_true", help="run only the aspect-bucket comparison")
     args = p.parse_args(argv)
     console = Console()
     console.print(
         f"torch threads {torch.get_num_threads()}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}"
     )
+    if args.buckets_only:
+        with tempfile.TemporaryDirectory() as tmp:
+            bucket_comparison(tmp, args, console)
+        return 0
     with tempfile.TemporaryDirectory() as tmp:
         mp4s = write_mp4s(os.path.join(tmp, "mp4"), args.clips, args.frames * args.stride + 8)
         tiny = make_vae("tiny")
@@ -263,6 +356,8 @@ def main(argv=None) -> int:
             f"loader is {l_rate / sd_rate:.0f}x (target >= 50)",
         )
     console.print(table)
+    with tempfile.TemporaryDirectory() as tmp:
+        bucket_comparison(tmp, args, console)
     return 0
 
 

@@ -6,6 +6,13 @@ process, one rank (gloo), so the ratio measures DeepSpeed's engine overhead, not
 Prints steps/s of both, the ratio (target <= 1.2x) and the data-wait fraction of step time (target < 5%).
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_trainer.py --steps 30
+
+`--mode lora`: a LoRA phase (`trainable: lora`, peft adapters on the attention projections) against a full
+fine-tune of the same U-Net, both under DeepSpeed with the same batches; each loop runs in its own process so
+that its peak memory (RSS on CPU, max allocated on CUDA) is its own. Prints steps/s, peak memory and trainable
+parameters of both.
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_trainer.py --mode lora --steps 10 --unet tiny
 """
 
 from __future__ import annotations
@@ -13,6 +20,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
+import subprocess
 import sys
 import tempfile
 import time
@@ -56,12 +65,21 @@ def run(kind: str, args) -> dict:
     from trainer.model import build_unet
 
     torch.manual_seed(0)
-    module = build_unet("tiny")
+    module = build_unet(args.unet)
+    if kind == "lora":
+        from trainer.config import LoraConfig
+        from trainer.phases import apply_trainable
+
+        apply_trainable(
+            module, "lora", LoraConfig(rank=args.lora_rank, alpha=args.lora_rank, targets=args.lora_targets)
+        )
     diffusion = Diffusion()
-    uncond = torch.zeros(1, 77, 32)
+    from trainer.model import context_dim
+
+    uncond = torch.zeros(1, 77, context_dim(args.unet))
     loader = loader_for(args.shards, args.stage, args.down, args.batch, args.workers)
     batches = iter(loader)
-    if kind == "deepspeed":
+    if kind in ("deepspeed", "lora", "full"):
         from trainer.config import DeepSpeedConfig
 
         phase = PhaseConfig(
@@ -71,6 +89,7 @@ def run(kind: str, args) -> dict:
             global_batch_size=args.batch,
             data={"sources": [{"name": "webvid", "urls": ["x.tar"]}], "video_batch_size": args.batch},
             optim={"lr": 1e-4, "grad_clip": 1.0},
+            trainable="lora" if kind == "lora" else "all",
         )
         model, _, _ = eng.initialize(
             module,
@@ -90,7 +109,7 @@ def run(kind: str, args) -> dict:
         g = torch.Generator().manual_seed(step)
         cond = {"context": batch["text_tokens"], "fps": batch["fps"], "uncond_context": uncond}
         loss, _ = diffusion.training_loss(model, batch["latent"], cond, generator=g)
-        if kind == "deepspeed":
+        if kind != "torch":
             model.backward(loss)
             model.step()
         else:
@@ -101,7 +120,57 @@ def run(kind: str, args) -> dict:
         t2 = time.perf_counter()
         if step >= args.warmup:
             wait, compute, timed = wait + (t1 - t0), compute + (t2 - t1), timed + 1
-    return {"steps_per_s": timed / (wait + compute), "data_wait_frac": wait / (wait + compute)}
+    return {
+        "steps_per_s": timed / (wait + compute),
+        "data_wait_frac": wait / (wait + compute),
+        "trainable_params": sum(p.numel() for p in module.parameters() if p.requires_grad),
+        "params": sum(p.numel() for p in module.parameters()),
+    }
+
+
+def peak_memory_mb() -> float:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def child(kind: str, args) -> dict:
+    """One loop in a fresh process (its own peak memory): bench_trainer.py --only KIND --shards DIR."""
+    cmd = [sys.executable, __file__, "--only", kind, "--shards", args.shards]
+    for flag in ("steps", "warmup", "stage", "down", "batch", "workers", "zero_stage", "ds_extra", "unet"):
+        cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
+    cmd += ["--lora-rank", str(args.lora_rank), "--lora-targets", args.lora_targets]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{kind} loop failed:\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main_lora(args) -> int:
+    results = {"full": [], "lora": []}
+    for _ in range(args.repeats):
+        for kind in ("full", "lora"):
+            results[kind].append(child(kind, args))
+    best = {k: max(v, key=lambda r: r["steps_per_s"]) for k, v in results.items()}
+    peak = {k: min(r["peak_mb"] for r in v) for k, v in results.items()}
+    print(
+        f"U-Net {args.unet}, {args.stage} shards, latents {args.frames} frames at 1/{args.down}, video batch "
+        f"{args.batch}, DeepSpeed ZeRO-{args.zero_stage}, {args.steps} timed steps (best of {args.repeats}), "
+        f"LoRA rank {args.lora_rank} on {args.lora_targets} attention"
+    )
+    for kind in ("full", "lora"):
+        r = best[kind]
+        print(
+            f"  {kind:<5} {r['steps_per_s']:7.2f} steps/s  {1000 / r['steps_per_s']:8.1f} ms/step  "
+            f"peak memory {peak[kind]:8.1f} MiB  trainable {r['trainable_params']:,} of {r['params']:,} params"
+        )
+    print(
+        f"  LoRA / full: step time {best['full']['steps_per_s'] / best['lora']['steps_per_s']:.2f}x, "
+        f"peak memory {peak['lora'] / peak['full']:.2f}x"
+    )
+    return 0
 
 
 def main(argv=None) -> int:
@@ -121,8 +190,27 @@ def main(argv=None) -> int:
     parser.add_argument("--zero-stage", type=int, default=2)
     parser.add_argument("--ds-extra", default="{}", help="JSON merged into the DeepSpeed config")
     parser.add_argument("--repeats", type=int, default=2, help="alternate the two loops this many times")
+    parser.add_argument(
+        "--mode",
+        default="overhead",
+        choices=("overhead", "lora"),
+        help="overhead: DeepSpeed vs PyTorch; lora: a LoRA phase vs a full fine-tune (both DeepSpeed)",
+    )
+    parser.add_argument("--unet", default="tiny", help="U-Net preset (build_unet)")
+    parser.add_argument("--lora-rank", type=int, default=8)
+    parser.add_argument("--lora-targets", default="all", choices=("spatial", "temporal", "all"))
+    parser.add_argument("--only", default=None, help=argparse.SUPPRESS)  # one loop, JSON out (--mode lora)
     args = parser.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    if args.mode == "lora" and args.only is None:
+        tmp = tempfile.TemporaryDirectory()
+        if args.shards is None:
+            args.shards = tmp.name
+            make_shards(tmp.name, args.stage, args.frames, args.down)
+        try:
+            return main_lora(args)
+        finally:
+            tmp.cleanup()
 
     import torch
 
@@ -134,6 +222,10 @@ def main(argv=None) -> int:
         args.shards = tmp.name
         make_shards(tmp.name, args.stage, args.frames, args.down)
     eng.init_distributed()
+    if args.only is not None:
+        result = run(args.only, args)
+        print(json.dumps({**result, "peak_mb": peak_memory_mb()}))
+        return 0
     results = {"torch": [], "deepspeed": []}
     for _ in range(args.repeats):  # alternate, so machine noise hits both
         for kind in ("torch", "deepspeed"):

@@ -23,9 +23,14 @@ COMMANDS = {
     ),
     "stats": ("shards.stats", "dataset statistics from shard indexes (--deep opens every tar)"),
     "train": ("trainer.main", "train (use `deepspeed trainer/main.py` for several ranks)"),
+    "eval": ("evaluation.cli", "video metrics (CLIPSIM, CLIP-Temp, motion, aesthetic, FVD) + HTML report"),
     "convert": (
         "trainer.convert",
         "convert VideoCrafter checkpoints to and from latentcrafter's safetensors",
+    ),
+    "generate": (
+        "trainer.generate.cli",
+        "sample T2V/I2V videos (mp4, GIF, HTML gallery) from weights; FIFO-Diffusion for long videos",
     ),
 }
 

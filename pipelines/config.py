@@ -139,14 +139,15 @@ class DecodeConfig:
     target_fps: float | None = None  # ... or choose the stride that gives about this fps (overrides stride)
     adapt_stride: bool = True  # lower the stride for videos too short for the full span
     start: str = "random"  # clip start: random (seeded by the key) | start | center
-    decode_resize: bool = True  # let decord scale while decoding when the video is >= 2x the needed size
+    backend: str = "decord"  # video decoder: decord | pyav (same frames for the same indices; BENCHMARKS.md)
+    decode_resize: bool = True  # let the backend scale while decoding when the video is >= 2x the needed size
     bucketing: bool = False  # resize to the nearest aspect bucket instead of the stage's own size
     buckets: dict[str, list[str]] = field(default_factory=dict)  # stage -> bucket sizes (default: derived)
     timeout_s: float = 60.0  # per item; a decoder that takes longer is killed (reason decode_timeout)
     memory_limit_mb: int = (
         8192  # address space the decoder may map beyond its loaded libraries (runaway memory)
     )
-    decoder_threads: int = 1  # decord threads inside the decoder process
+    decoder_threads: int = 1  # decoding threads (decord or FFmpeg via PyAV) inside the decoder process
     # Caps on untrusted media, checked on headers before any pixel is decoded (docs/design.md).
     # Images (too_many_pixels): 100 MP; decoded as RGBA that is ~0.4 GB, well within memory_limit_mb.
     max_pixels: int = 100_000_000
@@ -167,6 +168,8 @@ class DecodeConfig:
             raise ValueError("decode: set frame_stride or target_fps")
         if self.start not in ("random", "start", "center"):
             raise ValueError(f"decode.start={self.start!r}: use random, start or center")
+        if self.backend not in ("decord", "pyav"):
+            raise ValueError(f"decode.backend={self.backend!r}: use decord or pyav")
         if self.timeout_s <= 0 or self.memory_limit_mb < 256:
             raise ValueError("decode.timeout_s must be > 0 and decode.memory_limit_mb >= 256")
         for name in ("max_pixels", "max_video_pixels", "max_video_side", "max_duration_s", "max_frames"):

@@ -5,7 +5,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from shards.format import RESOLUTIONS, parse_resolution
+from shards.buckets import default_buckets, parse_bucket_sizes, pixel_budget_batch_size
+from shards.format import RESOLUTIONS, parse_resolution, resolution_tag
 
 
 @dataclass(kw_only=True)
@@ -83,6 +84,13 @@ class LoaderConfig:
     skip_duplicates: bool = True
     # Extra keyword arguments for fsspec when opening URLs (e.g. {"anon": True}).
     storage_options: dict = field(default_factory=dict)
+    # Aspect buckets (shards encoded with decode.bucketing): group samples by (kind, latent size) so every
+    # batch has one shape. False: every latent must have the stage's size (and batches are as before).
+    bucketing: bool = False
+    # The allowed buckets and their batch sizes: {"WxH": n} (both kinds) or {"WxH": {"video": n, "image": m}};
+    # a kind left out gets the pixel budget. Empty: the stage's default buckets (the encode job's
+    # default_buckets) with the pixel budget floor(batch_size(kind) * stage pixels / bucket pixels), >= 1.
+    buckets: dict = field(default_factory=dict)
 
     def __post_init__(self):
         if not self.sources:
@@ -117,7 +125,32 @@ class LoaderConfig:
             raise ValueError(f"LoaderConfig.vae_downsample must be >= 1, got {self.vae_downsample}")
         if not self.image_fps > 0:
             raise ValueError(f"LoaderConfig.image_fps must be > 0, got {self.image_fps}")
+        self._bucket_sizes = parse_bucket_sizes(self.buckets)
+        if self._bucket_sizes and not self.bucketing:
+            raise ValueError("LoaderConfig.buckets is set but bucketing is False; set bucketing: true")
+        if self.bucketing:
+            for tag in self.bucket_tags():
+                w, h = parse_resolution(tag)
+                if w % self.vae_downsample or h % self.vae_downsample:
+                    raise ValueError(
+                        f"LoaderConfig bucket {tag} is not a multiple of vae_downsample {self.vae_downsample}"
+                    )
 
     def batch_size(self, kind: str) -> int:
         """Batch size of a batch kind ("video" or "image")."""
         return self.video_batch_size if kind == "video" else self.image_batch_size
+
+    def bucket_tags(self) -> list[str]:
+        """The "WxH" buckets latents may have with bucketing on (the configured ones, else the stage's defaults)."""
+        if self._bucket_sizes:
+            return list(self._bucket_sizes)
+        return [resolution_tag(w, h) for w, h in default_buckets(self.stage)]
+
+    def bucket_batch_size(self, kind: str, bucket: str) -> int:
+        """Batch size of a (kind, bucket): the configured one, else the pixel budget of batch_size(kind)."""
+        size = self._bucket_sizes.get(bucket, {}).get(kind)
+        return (
+            int(size)
+            if size is not None
+            else pixel_budget_batch_size(self.batch_size(kind), self.stage, bucket)
+        )

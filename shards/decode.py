@@ -53,6 +53,8 @@ class RunExpectations:
     text_encoder_id: str | None
     scale_factor: float | None
     vae_downsample: int = 8
+    # With bucketing: the "WxH" buckets a latent may have (else only the stage's own size).
+    buckets: tuple[str, ...] | None = None
 
     def check_shard(self, shard: ShardInfo) -> None:
         """Raise ShardMismatchError naming the shard when its index disagrees with the run."""
@@ -80,10 +82,21 @@ class RunExpectations:
             )
 
     def check_shape(self, where: str, kind: str, shape: tuple) -> None:
-        """Latent [C,T,h,w] must match the stage (h = H / downsample) and T must be 1 for images."""
-        width, height = parse_resolution(self.stage)
-        want = (height // self.vae_downsample, width // self.vae_downsample)
-        if len(shape) != 4 or tuple(shape[2:]) != want or (kind == "image" and shape[1] != 1):
+        """Latent [C,T,h,w] must match the stage (h = H / downsample), or one of its buckets when bucketing,
+        and T must be 1 for images."""
+        sizes = (
+            [parse_resolution(b) for b in self.buckets] if self.buckets else [parse_resolution(self.stage)]
+        )
+        allowed = [(h // self.vae_downsample, w // self.vae_downsample) for w, h in sizes]
+        want = allowed[0]
+        if len(shape) != 4 or tuple(shape[2:]) not in allowed or (kind == "image" and shape[1] != 1):
+            if self.buckets:
+                raise ShardMismatchError(
+                    f"{where}: latent shape {list(shape)} fits none of the buckets {list(self.buckets)} of stage "
+                    f"{self.stage} (latent h x w {[list(a) for a in allowed]} with vae_downsample "
+                    f"{self.vae_downsample}{', T 1 for images' if kind == 'image' else ''}); list its size in "
+                    f"LoaderConfig.buckets"
+                )
             raise ShardMismatchError(
                 f"{where}: latent shape {list(shape)} does not fit stage {self.stage} "
                 f"(want [C, {'1' if kind == 'image' else 'T'}, {want[0]}, {want[1]}] with vae_downsample "

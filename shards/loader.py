@@ -20,6 +20,11 @@ handed out per worker. `state_dict()` is that plus the number of batches handed 
 the index, the shuffle buffer is refilled by random access) and the DataLoader worker ids are
 rotated so that the next batch again comes from worker (batches % num_workers). Restoring needs the
 same seed, sources, batch sizes, world_size and num_workers; each rank saves and loads its own state.
+
+Aspect buckets (`LoaderConfig.bucketing`, shards.buckets): each worker's BatchBuilder keeps one open batch
+per (kind, bucket) and emits the first to fill, of the kind the schedule names; the open batches are in
+the worker state as (source, epoch, step) per waiting sample and are read again on restore. Off, the
+builder, the state and the batches are exactly those of the unbucketed loader.
 """
 
 from __future__ import annotations
@@ -101,6 +106,7 @@ def _expectations(config: LoaderConfig, shards: dict[str, list[ShardInfo]]) -> R
         text_encoder_id=pick(config.expect_text_encoder_id, first.text_encoder_id),
         scale_factor=pick(config.expect_scale_factor, first.scale_factor),
         vae_downsample=config.vae_downsample,
+        buckets=tuple(config.bucket_tags()) if config.bucketing else None,
     )
     for infos in shards.values():
         for info in infos:
@@ -254,7 +260,13 @@ class ShardLoader:
             "schedule": [cfg.schedule, cfg.image_per_video],
             "shuffle": [cfg.shuffle_buffer, cfg.shard_shuffle, cfg.resampled],
             "latents": [cfg.sample_latents, cfg.return_latent_std],
+            **({"buckets": self.bucket_batch_sizes()} if cfg.bucketing else {}),
         }
+
+    def bucket_batch_sizes(self) -> dict[str, dict[str, int]]:
+        """{"WxH": {kind: batch size}} of the buckets this loader accepts (bucketing on), per kind it serves."""
+        kinds = [k for k in KINDS if k in self.kinds.values()]
+        return {t: {k: self.config.bucket_batch_size(k, t) for k in kinds} for t in self.config.bucket_tags()}
 
     def state_dict(self) -> dict:
         """Position after the last batch handed out: plain ints/dicts (JSON- and torch.save-able)."""

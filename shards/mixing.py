@@ -8,6 +8,7 @@ from fractions import Fraction
 import numpy as np
 import torch
 
+from shards.buckets import latent_bucket
 from shards.resume import CounterRandom, SourceStream, name_seed
 
 KINDS = ("video", "image")
@@ -104,7 +105,16 @@ def collate(samples: list[dict], kind: str, image_fps: float) -> dict:
 
 
 class BatchBuilder:
-    """The batches of one logical worker: global batch indices b = worker + i * num_workers of its rank."""
+    """The batches of one logical worker: global batch indices b = worker + i * num_workers of its rank.
+
+    With `config.bucketing` the kind of batch b still comes from the schedule, and the kind's mixer still
+    draws the samples (so source weights and the image/video pattern are those of the unbucketed loader),
+    but each drawn sample goes into the open batch of its (kind, bucket); batch b is the first open batch
+    of its kind to reach its bucket's batch size. Open batches wait, across batches and epochs, until they
+    fill, so every drawn sample is trained on once and no bucket starves; at the end of a bounded pass the
+    open batches of a kind are emitted oldest first (partial). The open batches are part of the state as
+    (source, epoch, step) of each waiting sample, which resume reads again (SourceStream.sample_at).
+    """
 
     def __init__(
         self,
@@ -121,9 +131,14 @@ class BatchBuilder:
         self.handler = handler
         self.produced = 0  # batches this worker produced
         self.samples = 0
+        self.bucketing = bool(getattr(config, "bucketing", False))
+        # (kind, bucket) -> waiting samples, in the order their first sample arrived
+        self.open: dict[tuple[str, str], list[dict]] = {}
 
     def next_batch(self) -> dict:
         """The next batch; StopIteration when a bounded pass has no sample left."""
+        if self.bucketing:
+            return self._next_bucketed()
         b = self.worker + self.produced * self.num_workers
         kind = self.schedule(b)
         if kind not in self.mixers or self.mixers[kind].exhausted:  # bounded pass: the other kind, if any
@@ -142,16 +157,73 @@ class BatchBuilder:
         self.samples += len(samples)
         return collate(samples, kind, self.config.image_fps)
 
+    # ------------------------------------------------------------ buckets
+
+    def _has(self, kind: str) -> bool:
+        return kind in self.mixers and (
+            not self.mixers[kind].exhausted or any(k == kind for k, _ in self.open)
+        )
+
+    def _next_bucketed(self) -> dict:
+        b = self.worker + self.produced * self.num_workers
+        kind = self.schedule(b)
+        if not self._has(kind):  # bounded pass: the other kind, if any
+            kind = next((k for k in KINDS if self._has(k)), None)
+            if kind is None:
+                raise StopIteration
+        mixer = self.mixers[kind]
+        while not mixer.exhausted:
+            try:
+                sample = mixer.next_sample()
+            except StopIteration:
+                break
+            key = (kind, latent_bucket(sample["latent"].shape, self.config.vae_downsample))
+            group = self.open.setdefault(key, [])
+            group.append(sample)
+            if len(group) >= self.config.bucket_batch_size(*key):
+                return self._emit(key)
+        key = next((k for k in self.open if k[0] == kind), None)  # bounded pass: flush, oldest first
+        if key is None:
+            return self._next_bucketed()
+        return self._emit(key)
+
+    def _emit(self, key: tuple[str, str]) -> dict:
+        samples = self.open.pop(key)
+        self.produced += 1
+        self.samples += len(samples)
+        batch = collate(samples, key[0], self.config.image_fps)
+        batch["bucket"] = key[1]
+        return batch
+
+    def _open_state(self) -> list:
+        return [
+            [kind, bucket, [[s["source"], *s["origin"]] for s in samples]]
+            for (kind, bucket), samples in self.open.items()
+        ]
+
+    def _load_open(self, state: list) -> None:
+        self.open = {}
+        for kind, bucket, origins in state:
+            streams = {s.name: s for s in self.mixers[kind].streams}
+            self.open[(kind, bucket)] = [streams[src].sample_at(int(e), int(t)) for src, e, t in origins]
+
+    # ------------------------------------------------------------ state
+
     def state_dict(self) -> dict:
-        return {
+        state = {
             "produced": self.produced,
             "samples": self.samples,
             "bad": dict(self.handler.counts),
             "mixers": {k: m.state_dict() for k, m in self.mixers.items()},
         }
+        if self.bucketing:
+            state["open"] = self._open_state()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.produced, self.samples = int(state["produced"]), int(state["samples"])
         self.handler.counts = Counter(state.get("bad", {}))
         for k, m in self.mixers.items():
             m.load_state_dict(state["mixers"][k])
+        if self.bucketing:
+            self._load_open(state.get("open", []))

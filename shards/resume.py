@@ -195,24 +195,49 @@ class SourceStream:
             raw = self._pending.pop(target)
             step = self.step
             self.step += 1
-            shard, row = self._locate(target)
             try:
-                if isinstance(raw, BadSample):
-                    raise raw
-                seed = [self.seed, self.name_seed, self.slot, self.epoch, step]
-                sample = decode_sample(
-                    raw,
-                    shard=shard,
-                    row=row,
-                    expect=self.expect,
-                    noise_seed=seed,
-                    sample_latents=self.sample_latents,
-                    return_latent_std=self.return_latent_std,
-                )
+                sample = self._decode(raw, target, self.epoch, step)
             except BadSample as bad:
                 self.handler(bad)
                 continue
             if self._good_from_start is not None:
                 self._good_from_start += 1
-            sample["source"] = self.name  # the configured source name (weights, logs), not the file prefix
             return sample
+
+    def _decode(self, raw, target: int, epoch: int, step: int) -> dict:
+        """Decode the raw sample at position `target`, taken at (epoch, step); BadSample when unusable."""
+        shard, row = self._locate(target)
+        if isinstance(raw, BadSample):
+            raise raw
+        seed = [self.seed, self.name_seed, self.slot, epoch, step]
+        sample = decode_sample(
+            raw,
+            shard=shard,
+            row=row,
+            expect=self.expect,
+            noise_seed=seed,
+            sample_latents=self.sample_latents,
+            return_latent_std=self.return_latent_std,
+        )
+        sample["source"] = self.name  # the configured source name (weights, logs), not the file prefix
+        sample["origin"] = (epoch, step)  # where the stream took it: sample_at(*origin) reads it again
+        return sample
+
+    _PLAN_FIELDS = ("_plan_epoch", "_epoch_shards", "_first", "_stride", "_starts", "_n", "_order")
+
+    def sample_at(self, epoch: int, step: int) -> dict:
+        """The sample this stream took at (epoch, step), read again by random access with the same latent noise
+        (a batch builder's open, not yet emitted, samples are restored this way); the stream does not move."""
+        saved = {f: getattr(self, f, None) for f in self._PLAN_FIELDS}
+        try:
+            self._plan(epoch)
+            target = int(self._order[step])
+            shard, row = self._locate(target)
+            return self._decode(read_row(shard, row, self.storage_options), target, epoch, step)
+        except BadSample as bad:
+            raise RuntimeError(
+                f"source {self.name}: restoring the sample of epoch {epoch} step {step}: {bad}"
+            ) from None
+        finally:
+            for f, v in saved.items():
+                setattr(self, f, v)

@@ -57,7 +57,7 @@ SPECS = (
 )
 SPEC_BY_NAME = {s.name: s for s in SPECS}
 BYTE_COLUMNS = ("bytes_latent", "bytes_text_tokens", "bytes_image_tokens", "bytes_total")
-INDEX_COLUMNS = sorted({"kind", *BYTE_COLUMNS, *(c for s in SPECS for c in s.columns)})
+INDEX_COLUMNS = sorted({"kind", "width", "height", *BYTE_COLUMNS, *(c for s in SPECS for c in s.columns)})
 ERROR_COLUMNS = ["key", "stage", "reason", "detail"]
 EXAMPLES = 3  # example keys kept per (error stage, reason)
 BATCH_ROWS = 1 << 18
@@ -156,6 +156,8 @@ class GroupStats:
     hists: dict = field(default_factory=lambda: {s.name: Hist(s) for s in SPECS})
     errors: Counter = field(default_factory=Counter)  # (error stage, reason) -> rows
     examples: dict = field(default_factory=dict)  # (error stage, reason) -> [(key, detail)]
+    # (kind, "WxH" the latent encodes) -> samples: the aspect buckets (one per stage without decode.bucketing)
+    buckets: Counter = field(default_factory=Counter)
 
     def merge(self, other: GroupStats) -> GroupStats:
         for name in ("shards", "shards_indexed", "samples", "removed", "videos", "images", "tar_bytes"):
@@ -168,6 +170,7 @@ class GroupStats:
         for k, h in other.hists.items():
             self.hists[k].merge(h)
         self.errors.update(other.errors)
+        self.buckets.update(other.buckets)
         for k, ex in other.examples.items():
             _add_examples(self.examples.setdefault(k, []), ex)
         return self
@@ -227,6 +230,8 @@ def scan_index(
         else:
             video = np.ones(n, bool)
         n_video = int(video.sum())
+        if "width" in present and "height" in present:
+            _add_buckets(stats.buckets, batch, video)
         stats.videos += n_video
         stats.images += n - n_video
         cols = {c: _numpy(batch, c) for c in columns if c != "kind" and batch.column(c).null_count < n}
@@ -244,6 +249,18 @@ def scan_index(
                         stats.hists["aspect"].add(cols["orig_width"] / cols["orig_height"])
             elif spec.name in cols:
                 stats.hists[spec.name].add(cols[spec.name])
+
+
+def _add_buckets(buckets: Counter, batch: pa.RecordBatch, video: np.ndarray) -> None:
+    """Count rows per (kind, "WxH") from the index's width/height (the size the latent encodes; "?" if null)."""
+    table = pa.table(
+        {"video": pa.array(video), "width": batch.column("width"), "height": batch.column("height")}
+    )
+    grouped = table.group_by(["video", "width", "height"]).aggregate([([], "count_all")])
+    for row in grouped.to_pylist():
+        w, h = row["width"], row["height"]
+        tag = f"{w}x{h}" if w is not None and h is not None else "?"
+        buckets[("video" if row["video"] else "image", tag)] += row["count_all"]
 
 
 def scan_errors(url: str, stats: GroupStats, storage_options: dict | None = None) -> None:

@@ -3,9 +3,12 @@
 JSON schema (`latentcrafter stats --json`), schema id "latentcrafter.stats/1":
   mode: "fast" | "deep";  inputs: [str];  by: ["source"] | ["stage"] | ["source", "stage"]
   totals: {shards, shards_indexed, samples, videos, images, errors, clip_hours, source_hours,
-           tar_bytes, sources: [str], stages: [str]}
+           tar_bytes, buckets: BUCKETS, sources: [str], stages: [str]}
   groups: [{source?, stage?, label, shards, shards_indexed, samples, videos, images, errors,
-            clip_hours, source_hours, tar_bytes, bytes_per_sample, distributions: {name: SUMMARY}}]
+            clip_hours, source_hours, tar_bytes, bytes_per_sample, buckets: BUCKETS,
+            distributions: {name: SUMMARY}}]
+      BUCKETS = [{kind, bucket: "WxH" (index width/height: the size the latent encodes), samples}],
+      most samples first: the aspect buckets a bucketing loader batches by (one per stage without them).
   distributions: {name: SUMMARY + {label, unit, scale, hist: {edges: [float], counts: [int]}}}
       SUMMARY = {count, mean, min, max, p05, p25, p50, p75, p95} ({count: 0} when no values);
       integer fields (widths, caption lengths) are exact, others exact to one fine bin.
@@ -63,8 +66,15 @@ def _group_fields(g: GroupStats, dedup: bool = False) -> dict:
         "source_hours": g.source_seconds / 3600,
         "tar_bytes": g.tar_bytes,
         "bytes_per_sample": g.member_bytes["bytes_total"] / g.samples if g.samples else None,
+        "buckets": _buckets(g),
         **extra,
     }
+
+
+def _buckets(g: GroupStats) -> list[dict]:
+    """Samples per (kind, "WxH" bucket), most first: what a bucketing loader groups batches by."""
+    rows = sorted(g.buckets.items(), key=lambda item: (-item[1], item[0]))
+    return [{"kind": kind, "bucket": tag, "samples": n} for (kind, tag), n in rows]
 
 
 def _bytes_section(total: GroupStats) -> dict:
@@ -270,6 +280,16 @@ def render_terminal(report: dict, console: Console, *, max_problems: int = 20) -
     if dedup:
         for row in report["groups"]:
             console.print(f"  {row['label']}: removed by dedup: {num(row['removed_dedup'])}")
+    if any(row["buckets"] for row in report["groups"]):
+        bk = _table(
+            "Samples per bucket (kind, W x H)", "group", "kind", "bucket", "samples", "share", right_from=3
+        )
+        bk.columns[0].no_wrap = True
+        for row in report["groups"]:
+            for b in row["buckets"]:
+                share = f"{100 * b['samples'] / row['samples']:.1f}%" if row["samples"] else "-"
+                bk.add_row(row["label"], b["kind"], b["bucket"], count(b["samples"]), share)
+        console.print(bk)
     d = _table("Distributions", "field", "count", "mean", "min", "p05", "p50", "p95", "max")
     for s in report["distributions"].values():
         label = s["label"]

@@ -7,6 +7,9 @@ Layout of `out_dir/ckpt/`:
     <tag>/loader/rank<R>.json   each rank's ShardLoader.state_dict()
     <tag>/ema.safetensors       the EMA shadow (rank 0)
     <tag>/frozen.safetensors    fp32 values of the params frozen in this phase (rank 0)
+A LoRA phase's checkpoints (`trainable_only`) hold only what trains: DeepSpeed's state without the frozen
+params (exclude_frozen_parameters), the EMA of the adapters, no frozen.safetensors; trainer_state.json's
+"lora" names the base (the phase's start checkpoint or the run's initial weights) that trainer.main rebuilds.
 A crash during a save leaves `tmp-<tag>` behind and `latest` pointing at the previous checkpoint;
 the next save or resume removes stale tmp dirs. (The ckpt folder must be shared by all nodes.)
 """
@@ -93,6 +96,7 @@ def save(
     ema=None,
     frozen: dict[str, torch.Tensor] | None = None,
     keep_last: int = 3,
+    trainable_only: bool = False,
 ) -> str:
     """Collective: every rank calls it. Returns the final checkpoint folder.
 
@@ -102,7 +106,18 @@ def save(
     """
     try:
         with _test_file_size_limit(rank, trainer_state["global_step"]):
-            return _save(engine, ckpt_root, tag, rank, trainer_state, loader_state, ema, frozen, keep_last)
+            return _save(
+                engine,
+                ckpt_root,
+                tag,
+                rank,
+                trainer_state,
+                loader_state,
+                ema,
+                frozen,
+                keep_last,
+                trainable_only,
+            )
     except (OSError, RuntimeError) as exc:  # torch.save reports a refused write as RuntimeError (iostream)
         if isinstance(exc, CheckpointWriteError):
             raise
@@ -114,7 +129,9 @@ def save(
         ) from exc
 
 
-def _save(engine, ckpt_root, tag, rank, trainer_state, loader_state, ema, frozen, keep_last) -> str:
+def _save(
+    engine, ckpt_root, tag, rank, trainer_state, loader_state, ema, frozen, keep_last, trainable_only=False
+) -> str:
     tmp = os.path.join(ckpt_root, f"tmp-{tag}")
     final = os.path.join(ckpt_root, tag)
     if rank == 0:
@@ -123,7 +140,7 @@ def _save(engine, ckpt_root, tag, rank, trainer_state, loader_state, ema, frozen
             if name.startswith("tmp-"):
                 shutil.rmtree(os.path.join(ckpt_root, name), ignore_errors=True)
     _barrier()
-    engine.save_checkpoint(tmp, tag=DS_TAG, save_latest=False)
+    engine.save_checkpoint(tmp, tag=DS_TAG, save_latest=False, exclude_frozen_parameters=trainable_only)
     os.makedirs(os.path.join(tmp, "loader"), exist_ok=True)
     write_atomic(os.path.join(tmp, "loader", f"rank{rank}.json"), json.dumps(loader_state))
     if rank == 0:
@@ -134,9 +151,11 @@ def _save(engine, ckpt_root, tag, rank, trainer_state, loader_state, ema, frozen
         if ema is not None:
             from safetensors.torch import save_file
 
-            save_file(
-                ema.shadow, os.path.join(tmp, "ema.safetensors"), metadata={"updates": str(ema.updates)}
-            )
+            shadow = ema.shadow
+            if trainable_only:
+                live = {n for n, p in engine.module.named_parameters() if p.requires_grad}
+                shadow = {k: v for k, v in shadow.items() if k in live}
+            save_file(shadow, os.path.join(tmp, "ema.safetensors"), metadata={"updates": str(ema.updates)})
         if frozen:
             from safetensors.torch import save_file
 
@@ -188,10 +207,17 @@ def load_ema(ckpt_dir: str, ema) -> bool:
     return True
 
 
-def load_engine(engine, ckpt_dir: str) -> None:
-    """Model, optimizer and scheduler into an engine built like the one that saved (same trainable set)."""
+def load_engine(engine, ckpt_dir: str, *, trainable_only: bool = False) -> None:
+    """Model, optimizer and scheduler into an engine built like the one that saved (same trainable set).
+
+    trainable_only: a checkpoint without the frozen params (a LoRA phase's): the module keeps its own
+    frozen values (the rebuilt base) and takes every trainable one from the checkpoint."""
     path, _ = engine.load_checkpoint(
-        ckpt_dir, tag=DS_TAG, load_optimizer_states=True, load_lr_scheduler_states=True
+        ckpt_dir,
+        tag=DS_TAG,
+        load_module_strict=not trainable_only,
+        load_optimizer_states=True,
+        load_lr_scheduler_states=True,
     )
     if path is None:
         raise FileNotFoundError(f"{ckpt_dir}/{DS_TAG}: DeepSpeed found no checkpoint to load")

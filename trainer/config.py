@@ -14,7 +14,8 @@ from shards.config import LoaderConfig, SourceSpec
 from shards.format import RESOLUTIONS
 from trainer.diffusion.schedule import SignalScale
 
-TRAINABLE = ("all", "spatial", "temporal")
+TRAINABLE = ("all", "spatial", "temporal", "lora")
+LORA_TARGETS = ("spatial", "temporal", "all")
 
 
 @dataclass(kw_only=True)
@@ -39,6 +40,11 @@ class DataConfig:
     vae_downsample: int = 8
     # "skip" bad samples (count and log) or "raise".
     on_bad_sample: str = "skip"
+    # Aspect buckets (shards encoded with decode.bucketing): batches grouped by (kind, bucket), one latent
+    # shape each; buckets: {"WxH": n} or {"WxH": {video: n, image: m}} (default: the stage's buckets with
+    # the pixel budget batch_size * stage pixels / bucket pixels). See shards.buckets.
+    bucketing: bool = False
+    buckets: dict = field(default_factory=dict)
 
     def __post_init__(self):
         self.sources = [s if isinstance(s, SourceSpec) else SourceSpec(**s) for s in self.sources]
@@ -61,6 +67,8 @@ class DataConfig:
             image_fps=self.image_fps,
             vae_downsample=self.vae_downsample,
             on_bad_sample=self.on_bad_sample,
+            bucketing=self.bucketing,
+            buckets=dict(self.buckets),
             # the loader hands over the VAE mean and std; the trainer draws the latent on its device
             # (trainer.phases.sample_latent): cheaper than a CPU draw per sample in the loader
             sample_latents=False,
@@ -94,6 +102,29 @@ class OptimConfig:
 
 
 @dataclass(kw_only=True)
+class LoraConfig:
+    """Low-rank adapters of a `trainable: lora` phase (trainer.lora; peft's LoRA layers)."""
+
+    rank: int = 8
+    alpha: float = 8.0  # the adapter's output is scaled by alpha / rank
+    dropout: float = 0.0  # on the adapter's input (> 0 draws from the global RNG: resumes are then not exact)
+    # which layers: spatial (outside the temporal modules) | temporal (inside them) | all
+    targets: str = "spatial"
+    # layer names: aliases attention (to_q, to_k, to_v, to_out(.0)), feedforward (ff.net.0.proj, ff.net.2),
+    # proj (proj_in, proj_out), conv (every Conv1d/2d/3d), or a module-name suffix (e.g. to_k_ip)
+    modules: list[str] = field(default_factory=lambda: ["attention"])
+
+    def __post_init__(self):
+        self.modules = [str(m) for m in self.modules]
+        if self.rank < 1 or not self.alpha > 0 or not 0 <= self.dropout < 1:
+            raise ValueError("lora.rank must be >= 1, lora.alpha > 0, lora.dropout in [0, 1)")
+        if self.targets not in LORA_TARGETS:
+            raise ValueError(f"lora.targets {self.targets!r} must be one of {LORA_TARGETS}")
+        if not self.modules:
+            raise ValueError("lora.modules is empty")
+
+
+@dataclass(kw_only=True)
 class PhaseConfig:
     """One training phase: a resolution stage, its data, length, global batch and trainable parameters."""
 
@@ -105,8 +136,9 @@ class PhaseConfig:
     global_batch_size: int
     # Micro batches per optimizer step; null: derived from global_batch_size.
     grad_accum: int | None = None
-    # all | spatial (VideoCrafter2: temporal frozen) | temporal
+    # all | spatial (VideoCrafter2: temporal frozen) | temporal | lora (adapters of `lora`, the rest frozen)
     trainable: str = "all"
+    lora: LoraConfig = field(default_factory=LoraConfig)  # used by trainable: lora
     optim: OptimConfig = field(default_factory=OptimConfig)
     cfg_dropout: float = 0.1  # text dropped to the empty caption with this probability (for CFG)
 
@@ -115,6 +147,8 @@ class PhaseConfig:
             self.data = DataConfig(**self.data)
         if isinstance(self.optim, dict):
             self.optim = OptimConfig(**self.optim)
+        if isinstance(self.lora, dict):
+            self.lora = LoraConfig(**self.lora)
         if not self.name or not all(c.isalnum() or c in "-_" for c in self.name):
             raise ValueError(f"phases[].name {self.name!r} must be letters, digits, '-' or '_'")
         if self.stage not in RESOLUTIONS:

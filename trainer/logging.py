@@ -134,6 +134,13 @@ class TrainLogger:
         if self.rank == 0:
             self.console.print(text)
 
+    def add_scalar(self, tag: str, value: float, step: int) -> None:
+        """One scalar into tensorboard (e.g. the preview metrics); rank 0 with tensorboard on only."""
+        if self.rank != 0 or self.tb is None:
+            return
+        self.tb.add_scalar(tag, float(value), step)
+        self.tb.flush()
+
     def add_video(self, tag: str, frames, step: int, fps: float) -> None:
         """Preview frames uint8 [T,H,W,3] into tensorboard as an image strip (first frame .. last frame)."""
         if self.rank != 0 or self.tb is None:

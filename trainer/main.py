@@ -56,9 +56,14 @@ def train(config, *, resume: bool) -> dict:
         RunState,
         apply_trainable,
         build_module,
+        checkpoint_weights,
+        export_lora,
         export_metadata,
         export_phase,
         initial_weights,
+        lora_base,
+        lora_peft_base,
+        lora_setup,
     )
     from trainer.preview import PreviewWriter, TextConditions
 
@@ -69,7 +74,7 @@ def train(config, *, resume: bool) -> dict:
     ckpt_root = os.path.join(out_dir, "ckpt")
     phase_list = [[p.name, p.steps] for p in config.phases]
 
-    state, resume_dir = RunState(phases=phase_list), None
+    state, resume_dir, saved = RunState(phases=phase_list), None, {}
     if resume and (tag := ckpt.latest_tag(ckpt_root)) is not None:
         resume_dir = os.path.join(ckpt_root, tag)
         saved = ckpt.read_trainer_state(resume_dir)
@@ -100,6 +105,13 @@ def train(config, *, resume: bool) -> dict:
     ema = EMA(config.ema.decay) if config.ema.enabled else None
     if resume_dir is not None:
         ckpt.load_ema(resume_dir, ema)
+        if ema is not None and "lora" in saved and state.phase_step >= config.phases[state.phase_index].steps:
+            # resumed at a LoRA phase's end: its EMA file holds the adapters; merge them into the base as the
+            # uninterrupted run did
+            from trainer.lora import merge_state_dict
+
+            base = lora_peft_base(lora_base(ckpt_root, saved["lora"], config), saved["lora"])
+            ema.shadow = merge_state_dict({**base, **ema.shadow}, saved["lora"]["scale"])
     logger = TrainLogger(
         out_dir,
         config.logging,
@@ -127,6 +139,8 @@ def train(config, *, resume: bool) -> dict:
         logger.message(f"resuming from {resume_dir}: phase {state.phase_index} step {state.phase_step}")
 
     weights_from = resume_dir  # a checkpoint whose consolidated weights start the next phase
+    # (phase-end checkpoint, its base) of the LoRA phase just run: spares the next phase a rebuild of the base
+    lora_end = None
     exports: list[str] = []
     for index in range(state.phase_index, len(config.phases)):
         phase = config.phases[index]
@@ -138,23 +152,40 @@ def train(config, *, resume: bool) -> dict:
         module = build_module(config)
         if config.model.gradient_checkpointing:
             module.enable_gradient_checkpointing()
-        if mid_phase:
+        lora_phase, lora = phase.trainable == "lora", None
+        if mid_phase and lora_phase:
+            # a LoRA checkpoint holds the adapters only: rebuild the phase's base, then load the adapters
+            lora = saved["lora"]
+            module.load_state_dict(lora_base(ckpt_root, lora, config), strict=True)
+            source = f"the resumed checkpoint (adapters) on base {lora['base']}"
+        elif mid_phase:
             source = "the resumed checkpoint"  # weights come with engine.load_checkpoint below
         elif weights_from is None:
             source = initial_weights(module, config)
         else:
-            module.load_state_dict(ckpt.fp32_state_dict(weights_from), strict=True)
+            base = lora_end[1] if lora_end and lora_end[0] == weights_from else None
+            module.load_state_dict(checkpoint_weights(weights_from, config, base=base), strict=True)
             source = os.path.basename(weights_from)
-        counts = apply_trainable(module, phase.trainable)  # before initialize: see engine.initialize
-        # fp32 copies of the frozen params, saved with each checkpoint: exact through bf16 and ZeRO-1
-        frozen = (
-            ckpt.read_frozen(resume_dir)
-            if mid_phase
-            else {n: p.detach().float().clone() for n, p in module.named_parameters() if not p.requires_grad}
-        )
+        lora_end = None
+        base = {k: v.detach().float().clone() for k, v in module.state_dict().items()} if lora_phase else None
+        # before initialize: see engine.initialize
+        counts = apply_trainable(module, phase.trainable, phase.lora, seed=phase.seed(config.seed))
+        if lora_phase:
+            from_ = os.path.basename(weights_from) if weights_from and not mid_phase else "initial"
+            lora = lora_setup(base, lora, phase=phase, module=module, base_from=from_)
+            frozen = {}  # nothing frozen is saved: the base is rebuilt from `lora["base"]`
+        else:
+            # fp32 copies of the frozen params, saved with each checkpoint: exact through bf16 and ZeRO-1
+            frozen = (
+                ckpt.read_frozen(resume_dir)
+                if mid_phase
+                else {
+                    n: p.detach().float().clone() for n, p in module.named_parameters() if not p.requires_grad
+                }
+            )
         engine, _, ds_json = eng.initialize(module, phase, config.deepspeed, world)
         if mid_phase:
-            ckpt.load_engine(engine, resume_dir)
+            ckpt.load_engine(engine, resume_dir, trainable_only=lora_phase)
         loader = ShardLoader(
             phase.data.loader_config(stage=phase.stage, seed=phase.seed(config.seed)),
             rank=rank,
@@ -163,7 +194,7 @@ def train(config, *, resume: bool) -> dict:
         if mid_phase:
             loader.load_state_dict(ckpt.read_loader_state(resume_dir, rank))
         if ema is not None:
-            ema.start_phase(engine.module, config.deepspeed.zero_stage, frozen)
+            ema.start_phase(engine.module, config.deepspeed.zero_stage, lora["frozen"] if lora else frozen)
         logger.message(
             f"phase {phase.name} ({index + 1}/{len(config.phases)}): {phase.stage}, {phase.steps} steps, "
             f"trainable={phase.trainable} {counts}, ZeRO-{config.deepspeed.zero_stage}, "
@@ -185,13 +216,26 @@ def train(config, *, resume: bool) -> dict:
             device=device,
             ckpt_root=ckpt_root,
             frozen=frozen,
+            lora=lora["record"] if lora else None,
         )
         weights_from = runner.run()
+        ema_adapters = None
+        if lora_phase:
+            lora_end = (weights_from, base)
+            if ema is not None:  # from here on the EMA is plain weights: base + its adapters, merged
+                from trainer.lora import adapter_state_dict, merge_state_dict
+
+                ema_adapters = adapter_state_dict(ema.shadow)
+                ema.shadow = merge_state_dict(ema.shadow, lora["record"]["scale"])
         if config.checkpoint.export_safetensors:
-            weights = ckpt.fp32_state_dict(weights_from) if rank == 0 else {}
+            weights = checkpoint_weights(weights_from, config, base=base) if rank == 0 else {}
             exports += export_phase(
                 weights_from, weights, ema, out_dir, phase.name, rank, export_metadata(config, module)
             )
+            if lora_phase:
+                exports += export_lora(
+                    weights_from, ema_adapters, out_dir, phase, lora["record"], rank, config
+                )
         eng.destroy(engine)
         del runner, engine, module
         dist.barrier()

@@ -56,10 +56,20 @@ def initial_weights(module, config: TrainConfig) -> str:
     return "random init"
 
 
-def apply_trainable(module, trainable: str) -> dict:
-    """Freeze by group before deepspeed.initialize: spatial -> temporal frozen, temporal -> spatial frozen."""
+def apply_trainable(module, trainable: str, lora=None, *, seed: int = 0) -> dict:
+    """Freeze by group before deepspeed.initialize: spatial -> temporal frozen, temporal -> spatial frozen;
+    lora -> peft LoRA adapters injected into the layers `lora` (trainer.config.LoraConfig) selects, everything
+    else frozen (adapter init from `seed`)."""
     from trainer.model import spatial_temporal_parameters
 
+    if trainable == "lora":
+        from trainer import lora as lora_mod
+
+        if lora is None:
+            raise ValueError("trainable: lora needs the phase's lora config")
+        names = lora_mod.inject(module, lora, seed=seed)
+        adapters = sum(p.numel() for p in module.parameters() if p.requires_grad)
+        return {"lora_layers": len(names), "lora_trainable": adapters, "lora_targets": lora.targets}
     spatial, temporal = spatial_temporal_parameters(module)
     module.requires_grad_(True)
     if trainable == "spatial":
@@ -127,6 +137,7 @@ class PhaseRunner:
         device,
         ckpt_root: str,
         frozen: dict | None = None,
+        lora: dict | None = None,
     ):
         from trainer.diffusion import Diffusion
 
@@ -135,6 +146,7 @@ class PhaseRunner:
         self.text, self.ema, self.logger, self.preview = text, ema, logger, preview
         self.device, self.ckpt_root = device, ckpt_root
         self.frozen = frozen or {}
+        self.lora = lora  # LoRA phase: trainer_state["lora"] (base checkpoint, fingerprint, scale, layers)
         self.diffusion = Diffusion(prediction=config.model.prediction, **config.model.signal_scale())
         self.accum = phase.resolve_grad_accum(world)
         self.zero = config.deepspeed.zero_stage
@@ -175,6 +187,12 @@ class PhaseRunner:
             loss, _ = self.diffusion.training_loss(
                 self.engine, x0, self.cond(batch), generator=g, cfg_dropout=self.phase.cfg_dropout
             )
+            if loss.grad_fn is None:
+                raise ValueError(
+                    f"phase {self.phase.name}: no trainable parameter takes part in a {batch['kind']} batch "
+                    f"(trainable={self.phase.trainable}); image batches skip the temporal modules: give a phase "
+                    "that trains only temporal weights video sources only"
+                )
             self.engine.backward(loss)
             if self.engine.is_gradient_accumulation_boundary() != (micro == self.accum - 1):
                 raise RuntimeError("micro steps and DeepSpeed's gradient accumulation boundary disagree")
@@ -211,6 +229,10 @@ class PhaseRunner:
             weights = self.ema.shadow
         elif self.zero == 3 or self.rank == 0:
             weights = full_param_data(self.engine.module, self.zero)
+        if weights is not None and self.lora is not None:
+            from trainer.lora import merge_state_dict
+
+            weights = merge_state_dict(weights, self.lora["scale"])
         if self.rank == 0:
             tag = f"step{self.state.global_step:08d}-{self.phase.name}"
             paths = self.preview.write(
@@ -227,12 +249,17 @@ class PhaseRunner:
             tag,
             rank=self.rank,
             trainer_state=self.state.as_dict(
-                phase=self.phase.name, phase_end=phase_end, world_size=self.world
+                phase=self.phase.name,
+                phase_end=phase_end,
+                world_size=self.world,
+                **({"lora": self.lora} if self.lora is not None else {}),
             ),
             loader_state=self.loader.state_dict(),
             ema=self.ema,
             frozen=self.frozen if self.rank == 0 else None,
             keep_last=self.config.checkpoint.keep_last,
+            # LoRA: only the adapters (+ their optimizer state and EMA); the base is the phase's start
+            trainable_only=self.lora is not None,
         )
 
     def run(self) -> str:
@@ -255,20 +282,141 @@ class PhaseRunner:
         raise AssertionError("unreachable: a phase ends with its last step")
 
 
+def checkpoint_weights(ckpt_dir: str, config: TrainConfig, *, base: dict | None = None) -> dict:
+    """The plain fp32 U-Net weights of any checkpoint: its consolidated ZeRO state (+ frozen params); for a LoRA
+    phase's, its base (rebuilt: `lora_base`, or `base` when the caller has it) with the adapters merged."""
+    weights = ckpt.fp32_state_dict(ckpt_dir)
+    record = ckpt.read_trainer_state(ckpt_dir).get("lora")
+    if record is None:
+        return weights
+    from trainer.lora import merge_state_dict
+
+    if base is None:
+        base = lora_base(os.path.dirname(ckpt_dir), record, config)
+    return merge_state_dict({**lora_peft_base(base, record), **weights}, record["scale"])
+
+
+def lora_base(ckpt_root: str, record: dict, config: TrainConfig) -> dict:
+    """Rebuild the base weights of a LoRA phase (`record`: its checkpoints' trainer_state["lora"]): the run's
+    initial weights, or the plain weights of the phase-start checkpoint it names; checked by fingerprint."""
+    from trainer.lora import fingerprint
+
+    if record["base"] == "initial":
+        module = build_module(config)
+        initial_weights(module, config)
+        base = {k: v.detach().float().clone() for k, v in module.state_dict().items()}
+        del module
+    else:
+        path = os.path.join(ckpt_root, record["base"])
+        if not os.path.isdir(path):
+            raise FileNotFoundError(
+                f"{path}: the base checkpoint of a LoRA phase is gone; LoRA checkpoints hold the adapters only"
+            )
+        base = checkpoint_weights(path, config)
+    if fingerprint(base) != record["fingerprint"]:
+        raise ValueError(
+            f"LoRA resume: the rebuilt base ({record['base']}) differs from the one the adapters trained on"
+        )
+    return base
+
+
+def lora_peft_base(base: dict, record: dict) -> dict:
+    """Plain base weights under the names of the LoRA-injected module (`<layer>.base_layer.weight`)."""
+    from trainer.lora import peft_key
+
+    adapted = set(record["target_modules"])
+    return {peft_key(k, adapted): v for k, v in base.items()}
+
+
+def lora_setup(base: dict, saved: dict | None, *, phase: PhaseConfig, module, base_from: str) -> dict:
+    """A LoRA phase's record (saved in its checkpoints' trainer_state) and the fp32 frozen values for the EMA.
+
+    `saved`: the record of the checkpoint a mid-phase resume continues (checked against this phase's)."""
+    from trainer.lora import fingerprint, scaling
+
+    cfg = phase.lora
+    adapted = [n for n, m in module.named_modules() if hasattr(m, "lora_A") and "default" in m.lora_A]
+    record = {
+        "base": saved["base"] if saved else base_from,
+        "fingerprint": saved["fingerprint"] if saved else fingerprint(base),
+        "rank": cfg.rank,
+        "alpha": cfg.alpha,
+        "dropout": cfg.dropout,
+        "targets": cfg.targets,
+        "modules": list(cfg.modules),
+        "scale": scaling(cfg.rank, cfg.alpha),
+        "target_modules": adapted,
+    }
+    if saved is not None:
+        changed = [k for k in record if k not in ("base", "fingerprint") and saved.get(k) != record[k]]
+        if changed:
+            raise ValueError(f"phase {phase.name}: the lora config changed since the checkpoint ({changed})")
+    params = {n for n, _ in module.named_parameters()}
+    frozen = {k: v for k, v in lora_peft_base(base, record).items() if k in params}
+    return {"record": record, "frozen": frozen}
+
+
+def export_lora(
+    ckpt_dir: str,
+    ema_adapters: dict | None,
+    out_dir: str,
+    phase: PhaseConfig,
+    record: dict,
+    rank: int,
+    config,
+) -> list[str]:
+    """Rank 0: the adapters of a LoRA phase end alone (and the EMA's), in peft's key layout, with rank / alpha /
+    targets / modules / target_modules in the metadata (`trainer.lora.load_adapter` / `merge` read them)."""
+    if rank != 0:
+        return []
+    from trainer.lora import adapter_metadata, write_adapter
+
+    meta = adapter_metadata(
+        phase.lora,
+        record["target_modules"],
+        phase=phase.name,
+        checkpoint=os.path.basename(ckpt_dir),
+        base=record["base"],
+        unet=config.model.unet,
+    )
+    folder = os.path.join(out_dir, "export")
+    paths = [
+        write_adapter(
+            os.path.join(folder, f"{phase.name}-lora.safetensors"), ckpt.fp32_state_dict(ckpt_dir), meta
+        )
+    ]
+    if ema_adapters:
+        paths.append(
+            ckpt.export_safetensors(
+                ema_adapters, os.path.join(folder, f"{phase.name}-ema-lora.safetensors"), meta
+            )
+        )
+    return paths
+
+
 def export_metadata(config: TrainConfig, module) -> dict:
-    """Metadata that makes a VideoCrafter preset's export self-describing (empty for latentcrafter presets)."""
+    """Metadata that makes every export self-describing: format, preset (= model.unet), image cross-attention,
+    diffusion settings (schedule, signal scaling, prediction); ``trainer.model.loading.load_model`` reads it."""
     from trainer.model import VideoCrafterModel
+    from trainer.model.loading import unet_metadata
+    from trainer.model.presets import DIFFUSION_DEFAULTS
     from trainer.model.pretrained import model_metadata
 
+    m = config.model
+    source = f"latentcrafter run {config.name}"
     if not isinstance(module, VideoCrafterModel):
-        return {}
-    preset = config.model.videocrafter_preset
-    diffusion = {
-        **preset.diffusion,
-        **config.model.signal_scale(),
-        "parameterization": config.model.prediction,
-    }
-    return model_metadata(module, diffusion, source=f"latentcrafter run {config.name}")
+        diffusion = {
+            **DIFFUSION_DEFAULTS,
+            "linear_start": 0.00085,  # trainer.diffusion.Diffusion's schedule (SD / VideoCrafter)
+            "linear_end": 0.012,
+            **m.signal_scale(),
+            "parameterization": m.prediction,
+        }
+        return unet_metadata(module, preset=m.unet, diffusion=diffusion, fps=m.fps, source=source)
+    diffusion = {**m.videocrafter_preset.diffusion, **m.signal_scale(), "parameterization": m.prediction}
+    meta = model_metadata(module, diffusion, source=source)
+    meta["image_cross_attention"] = "true" if module.image_proj is not None else "false"
+    return meta
 
 
 def export_phase(
@@ -276,8 +424,9 @@ def export_phase(
 ) -> list[str]:
     """Rank 0: consolidated fp32 weights (and the EMA) of a phase end, as safetensors for inference.
 
-    ``model_meta`` (VideoCrafter presets: preset, U-Net params, diffusion settings) makes the file one that
-    ``trainer.model.load_pretrained`` and ``latentcrafter convert --to videocrafter`` read."""
+    ``model_meta`` (``export_metadata``: preset, sizes, diffusion settings) makes the file one that
+    ``latentcrafter generate`` (``trainer.model.loading.load_model``) reads; VideoCrafter presets' exports are also
+    read by ``trainer.model.load_pretrained`` and ``latentcrafter convert --to videocrafter``."""
     if rank != 0:
         return []
     meta = {"phase": phase, "checkpoint": os.path.basename(ckpt_dir), **(model_meta or {})}

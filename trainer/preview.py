@@ -48,6 +48,8 @@ class PreviewWriter:
         self.text = text
         self.module = build_module().float().eval()
         self.out_dir = out_dir
+        self.model_dir = config.model.model_dir
+        self._clip = None  # evaluation's CLIP for the preview metrics, loaded on first use (False: none)
         from trainer.diffusion import DDIMSampler, Diffusion
 
         diffusion = Diffusion(prediction=config.model.prediction, **config.model.signal_scale())
@@ -91,4 +93,19 @@ class PreviewWriter:
                 paths.append(path)
             if logger is not None:
                 logger.add_video(f"preview/{slug}", frames[i], step, cfg.fps)
+                self._log_metrics(logger, frames[i], prompt, slug, step)
         return paths
+
+    def _log_metrics(self, logger, frames, prompt: str, slug: str, step: int) -> None:
+        """evaluation.preview_metrics to tensorboard: motion always; CLIPSIM and CLIP-Temp when
+        model.model_dir's text_encoder projects into its image_encoder's space (the tiny set; not SD 2.1)."""
+        try:
+            from evaluation import load_preview_clip, preview_metrics
+
+            if self._clip is None:
+                self._clip = False  # a failed load is not retried at every preview
+                self._clip = load_preview_clip(self.model_dir) or False
+            for key, value in preview_metrics(frames, prompt, self._clip or None).items():
+                logger.add_scalar(f"preview_metrics/{key}/{slug}", value, step)
+        except Exception as exc:  # a metric never breaks training
+            logger.message(f"warning: preview metrics for {slug} failed ({type(exc).__name__}: {exc})")

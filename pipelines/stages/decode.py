@@ -228,6 +228,7 @@ class DecodeStage:
             "target_fps": cfg.target_fps,
             "adapt_stride": cfg.adapt_stride,
             "start": cfg.start,
+            "backend": cfg.backend,
             "decode_resize": cfg.decode_resize,
             "known_width": row.get("width"),
             "known_height": row.get("height"),

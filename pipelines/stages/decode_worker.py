@@ -1,4 +1,4 @@
-"""Decoding proper (decord clips, PIL images, resize + center crop), run inside the guarded decoder process."""
+"""Decoding proper (video clips by decord or PyAV, PIL images, resize + center crop), run inside the guarded decoder process."""
 
 from __future__ import annotations
 
@@ -20,8 +20,6 @@ from pipelines.stages.media_caps import (
     check_image,
     check_video,
     image_pixel_cap,
-    mp4_size,
-    probe_video,
 )
 
 
@@ -109,48 +107,38 @@ def _target(req: dict, width: int, height: int) -> tuple[int, int]:
 DECODE_RESIZE_MIN_RATIO = 2.0
 
 
-def _as_tensor(batch):
-    """decord NDArray -> torch uint8 tensor over the same memory (dlpack: no copy of the clip)."""
-    from torch.utils.dlpack import from_dlpack
-
-    return from_dlpack(batch.to_dlpack())
+def decode_scale(req: dict, size: tuple[int, int]) -> tuple[int, int] | None:
+    """The size to scale to while decoding (cover size of the target), or None where scaling costs more
+    than it saves: unless it shrinks the frames at least DECODE_RESIZE_MIN_RATIO times."""
+    rw, rh = cover_size(*size, *_target(req, *size))
+    return (rw, rh) if size[0] >= DECODE_RESIZE_MIN_RATIO * rw else None
 
 
 def decode_video(req: dict) -> dict:
-    """A clip of num_frames frames at a stride (decoded size; `finish` resizes to "target")."""
-    import decord
+    """A clip of num_frames frames at a stride, by the request's backend (decord | pyav; video_backends.py),
+    at decoded size (`finish` resizes to "target")."""
+    from pipelines.stages.video_backends import open_video
 
-    src = _source(req)
-    probe_video(req)  # headers only: caps and stream checks before decord opens the file
-    threads = int(req.get("threads", 1))
-    size, scaled = None, {}
-    if req.get("decode_resize"):  # decord scales while decoding (cheap) when the source size is known
-        size = (req["known_width"], req["known_height"]) if req.get("known_width") else mp4_size(_source(req))
-    if size:  # decord's scaler costs more than it saves unless it shrinks the frames a lot
-        rw, rh = cover_size(*size, *_target(req, *size))
-        if size[0] >= DECODE_RESIZE_MIN_RATIO * rw:
-            scaled = {"width": rw, "height": rh}
+    _source(req)  # empty_file before any library sees it
+    clip = open_video(req, lambda size: decode_scale(req, size))  # probes the headers: caps, streams
+    num_src, fps = clip.num_frames, clip.fps
     try:
-        vr = decord.VideoReader(src, ctx=decord.cpu(0), num_threads=threads, **scaled)
-        num_src, fps = len(vr), float(vr.get_avg_fps())
-    except Exception as exc:  # decord raises RuntimeError or DECORDError (a plain Exception subclass)
-        raise DecodeFailure("undecodable", f"{type(exc).__name__}: {str(exc)[:300]}") from exc
-    if not fps or not math.isfinite(fps) or fps <= 0:
-        fps = float(req.get("fps") or 0.0)
-        if fps <= 0:
-            raise DecodeFailure("undecodable", "the video has no frame rate")
-    check_video(req, 0, 0, num_src, num_src / fps)  # decord's own count: headers can understate it
-    indices, stride = plan_clip(num_src, fps, req)
-    try:
-        frames = _as_tensor(vr.get_batch(indices))
-    except Exception as exc:  # broken files often fail only here, on a later batch
-        raise DecodeFailure("undecodable", f"{type(exc).__name__}: {str(exc)[:300]}") from exc
+        if not fps or not math.isfinite(fps) or fps <= 0:
+            fps = float(req.get("fps") or 0.0)
+            if fps <= 0:
+                raise DecodeFailure("undecodable", "the video has no frame rate")
+        check_video(req, 0, 0, num_src, num_src / fps)  # the backend's own count: headers can understate it
+        indices, stride = plan_clip(num_src, fps, req)
+        frames = clip.read(indices)
+    except BaseException:
+        clip.close()
+        raise
     if frames.ndim != 4 or frames.shape[0] != len(indices) or frames.shape[-1] != 3:
-        raise DecodeFailure("undecodable", f"decord returned frames of shape {list(frames.shape)}")
-    orig_w, orig_h = size if size else (frames.shape[2], frames.shape[1])
+        raise DecodeFailure("undecodable", f"the decoder returned frames of shape {list(frames.shape)}")
+    orig_w, orig_h = clip.size if clip.size else (frames.shape[2], frames.shape[1])
     return {
         "frames": frames,
-        "reader": vr,  # closed by `finish`, off the decoding thread (closing costs ~0.4 ms)
+        "reader": clip,  # closed by `finish`, off the decoding thread (closing decord costs ~0.4 ms)
         "target": _target(req, orig_w, orig_h),
         "src_fps": fps,
         "sample_fps": fps / stride,
@@ -234,13 +222,16 @@ def decode_raw(req: dict) -> dict:
 
 def finish(result: dict) -> dict:
     """The resizing half: an ok result's frames resized and center-cropped to its target, contiguous."""
-    result.pop("reader", None)
+    reader = result.pop("reader", None)
     if not result.get("ok"):
         return result
     try:
         frames = resize_crop(result.pop("frames"), *result.pop("target"))
     except Exception as exc:
         return _failure(exc)
+    finally:
+        if reader is not None:
+            reader.close()
     result.update(frames=frames, frames_shape=list(frames.shape))
     return result
 
@@ -343,10 +334,12 @@ def serve(memory_limit_mb: int, shared_fds: list[int] | None = None) -> None:
     os.dup2(2, 1)
     sys.stdout = sys.stderr
     inp = sys.stdin.buffer
-    import av  # noqa: F401  (media_caps.probe_video; loaded before the memory limit like decord)
+    import av  # noqa: F401  (the pyav backend and media_caps.probe_video; loaded before the memory limit)
     import decord  # noqa: F401  (loaded before the memory limit: the limit is for decoding)
     import torch
     from PIL import Image  # noqa: F401
+
+    import pipelines.stages.video_backends  # noqa: F401
 
     torch.set_num_threads(1)
     slots = [SharedFrames(fd) for fd in shared_fds or []]

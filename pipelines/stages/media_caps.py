@@ -110,22 +110,33 @@ def probe_video(req: dict) -> tuple[int, int]:
     import av
 
     try:
-        with av.open(_source(req), metadata_errors="ignore") as container:
-            if not container.streams.video:
-                kinds = sorted({s.type for s in container.streams}) or ["no streams"]
-                raise DecodeFailure("no_video_stream", f"streams: {', '.join(kinds)}")
-            stream = container.streams.video[0]
-            width, height = int(stream.codec_context.width or 0), int(stream.codec_context.height or 0)
-            frames = int(stream.frames or 0) or None  # 0: the header does not say
-            if stream.duration and stream.time_base:
-                duration = float(stream.duration * stream.time_base)
-            elif container.duration:
-                duration = container.duration / av.time_base
-            else:
-                duration = None
+        container = av.open(_source(req), metadata_errors="ignore")
+    except Exception as exc:  # av.FFmpegError (not a container FFmpeg knows), OSError, ...
+        raise DecodeFailure("undecodable", f"{type(exc).__name__}: {str(exc)[:300]}") from exc
+    with container:
+        return probe_container(req, container)
+
+
+def probe_container(req: dict, container) -> tuple[int, int]:
+    """probe_video's checks on an already open PyAV container (the pyav backend decodes from it next)."""
+    import av
+
+    try:
+        if not container.streams.video:
+            kinds = sorted({s.type for s in container.streams}) or ["no streams"]
+            raise DecodeFailure("no_video_stream", f"streams: {', '.join(kinds)}")
+        stream = container.streams.video[0]
+        width, height = int(stream.codec_context.width or 0), int(stream.codec_context.height or 0)
+        frames = int(stream.frames or 0) or None  # 0: the header does not say
+        if stream.duration and stream.time_base:
+            duration = float(stream.duration * stream.time_base)
+        elif container.duration:
+            duration = container.duration / av.time_base
+        else:
+            duration = None
     except DecodeFailure:
         raise
-    except Exception as exc:  # av.FFmpegError (not a container FFmpeg knows), OSError, ...
+    except Exception as exc:  # av.FFmpegError, broken headers, ...
         raise DecodeFailure("undecodable", f"{type(exc).__name__}: {str(exc)[:300]}") from exc
     if width <= 0 or height <= 0:
         raise DecodeFailure("undecodable", f"the video stream has no frame size ({width}x{height})")

@@ -34,10 +34,12 @@ def write_shard(
     rng=None,
     **meta,
 ):
-    """One finished shard of `n` random samples; returns the list of keys. `meta` overrides json fields;
+    """One finished shard of `n` random samples; returns the list of keys. `meta` overrides json fields
+    (width/height: an aspect bucket's size, also in the index and, without latent_hw, the latent's);
     latent std is `std[0] + std[1] * uniform`; keys are `{key_prefix or source}_{shard:03d}_{i:04d}`."""
     rng = rng or np.random.default_rng([seed, shard, len(source)])
     width, height = parse_resolution(stage)
+    width, height = meta.get("width", width), meta.get("height", height)  # a bucket's size (in the index too)
     hw = latent_hw or (height // DOWN, width // DOWN)
     shape = [4, frames if kind == "video" else 1, *hw]
     os.makedirs(out_dir, exist_ok=True)

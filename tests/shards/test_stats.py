@@ -140,6 +140,7 @@ def test_json_schema(dataset, tmp_path):
         "source_hours",
         "tar_bytes",
         "bytes_per_sample",
+        "buckets",
         "distributions",
     }
     assert all(set(g) == group_keys for g in rep["groups"])

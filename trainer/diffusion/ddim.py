@@ -83,6 +83,46 @@ class DDIMSampler:
             x_prev = x_prev + sigma * noise
         return x_prev, x0
 
+    def step_frames(
+        self,
+        out: torch.Tensor,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        t_prev: torch.Tensor,
+        *,
+        noise: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One DDIM update with a timestep per frame (FIFO-Diffusion's diagonal): `t`, `t_prev` long `[T]` or
+        `[B, T]` for x `[B,C,T,h,w]`. alpha_bar, sigma and (use_scale) scale_arr are taken per frame; the same
+        update as `step` where all entries are equal. `noise` (x's shape) is required when eta > 0."""
+        d = self.diffusion
+        b, f = x.shape[0], x.shape[2]
+        t = torch.as_tensor(t, dtype=torch.long).cpu().expand(b, f)
+        t_prev = torch.as_tensor(t_prev, dtype=torch.long).cpu().expand(b, f)
+
+        def per(v: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:  # v[idx] as [B,1,T,1,1] float32
+            return v[idx].to(torch.float32).view(b, 1, f, 1, 1).to(x.device)
+
+        sa, s1 = per(d.sqrt_ab, t), per(d.sqrt_1mab, t)
+        out, xt = out.float(), x.float()
+        if d.prediction == "eps":
+            eps, x0 = out, (xt - s1 * out) / sa
+        else:
+            eps, x0 = s1 * xt + sa * out, sa * xt - s1 * out
+        a, a_prev = d.alphas_cumprod[t], d.alphas_cumprod[t_prev]  # float64 [B,T]
+        sigma = self.eta * ((1 - a_prev) / (1 - a) * (1 - a / a_prev)).sqrt()
+        direction = (1 - a_prev - sigma**2).clamp(min=0).sqrt()
+        coef = a_prev.sqrt()
+        if d.scale_arr is not None:
+            x0 = x0 / per(d.scale_arr, t)
+            coef = coef * d.scale_arr[t_prev].double()
+        x_prev = per(coef, slice(None)) * x0 + per(direction, slice(None)) * eps
+        if self.eta > 0:
+            if noise is None:
+                raise ValueError(f"DDIMSampler eta={self.eta} > 0 needs the step noise")
+            x_prev = x_prev + per(sigma, slice(None)) * noise.to(x_prev)
+        return x_prev, x0
+
     def _model_out(self, model, x, t, cond, uncond, guidance_scale):
         b = x.shape[0]
         tt = torch.full((b,), int(t), device=x.device, dtype=torch.long)

@@ -101,7 +101,7 @@ class VideoUNet(nn.Module):
         fps: torch.Tensor | None = None,
         image_context: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """x `[B,C,T,H,W]`, timesteps `[B]`, context `[B,L,D]`, fps `[B]`, image_context `[B,Li,Dv]` -> `[B,C,T,H,W]`."""
+        """x `[B,C,T,H,W]`, timesteps `[B]` (or `[B,T]`: one per frame), context `[B,L,D]`, fps `[B]`, image_context `[B,Li,Dv]` -> `[B,C,T,H,W]`."""
         b, c, frames, h, w = x.shape
         factor = 2 ** (len(self.config.channel_mult) - 1)
         if h % factor or w % factor:
@@ -111,7 +111,11 @@ class VideoUNet(nn.Module):
                 f"latent has {c} channels, the U-Net config expects in_channels={self.config.in_channels}"
             )
         dtype = self.dtype
-        timesteps = torch.as_tensor(timesteps, device=x.device).reshape(-1).expand(b)
+        timesteps = torch.as_tensor(timesteps, device=x.device)
+        per_frame = timesteps.dim() == 2  # [B, T]: one timestep per frame (FIFO-Diffusion)
+        if per_frame and tuple(timesteps.shape) != (b, frames):
+            raise ValueError(f"per-frame timesteps {tuple(timesteps.shape)} must be [B, T] = [{b}, {frames}]")
+        timesteps = timesteps.reshape(-1) if per_frame else timesteps.reshape(-1).expand(b)
         emb = self.time_embedding(self.time_proj(timesteps).to(dtype))
         if (
             self.fps_embedding is not None and frames > 1
@@ -119,6 +123,8 @@ class VideoUNet(nn.Module):
             if fps is None:
                 raise ValueError("fps is required for video input (T > 1) when the config has fps_cond=True")
             fps = torch.as_tensor(fps, device=x.device, dtype=torch.float32).reshape(-1).expand(b)
+            if per_frame:
+                fps = fps.repeat_interleave(frames)
             emb = emb + self.fps_embedding(fps, dtype)
         ctx = context.to(dtype)
         if self.image_proj is not None:
@@ -127,7 +133,8 @@ class VideoUNet(nn.Module):
                     b, CLIP_IMAGE_TOKENS, self.image_token_dim, device=x.device, dtype=dtype
                 )
             ctx = torch.cat([ctx, self.image_proj(image_context.to(dtype))], dim=1)
-        emb = emb.repeat_interleave(frames, 0)
+        if not per_frame:
+            emb = emb.repeat_interleave(frames, 0)
         ctx = ctx.repeat_interleave(frames, 0)
 
         hs = self.conv_in(x.to(dtype).permute(0, 2, 1, 3, 4).reshape(b * frames, c, h, w))

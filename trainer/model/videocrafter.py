@@ -208,16 +208,23 @@ class VCUNet(nn.Module):
         fps: torch.Tensor | int | None = None,
         image_context: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """``x`` ``[B, C, T, H, W]`` -> eps ``[B, C_out, T, H, W]``.
+        """``x`` ``[B, C, T, H, W]``, ``timesteps`` ``[B]`` (or ``[B, T]``: one per frame) -> eps ``[B, C_out, T, H, W]``.
 
         ``image_context`` (I2V) holds the projected image tokens (``VCResampler`` output); it is appended after
         the text tokens, as VideoCrafter's inference does (``cat([text, image], 1)``).
         """
         b, _, t, h, w = x.shape
-        timesteps = timesteps.reshape(-1).expand(b) if timesteps.numel() == 1 else timesteps
         if image_context is not None:
             context = torch.cat([context, image_context], dim=1)
-        emb = self.embed(timesteps, fps).repeat_interleave(t, dim=0)
+        if timesteps.dim() == 2:  # per-frame timesteps [B, T] (FIFO-Diffusion): one embedding per frame
+            if tuple(timesteps.shape) != (b, t):
+                raise ValueError(f"per-frame timesteps {tuple(timesteps.shape)} must be [B, T] = [{b}, {t}]")
+            if isinstance(fps, torch.Tensor) and fps.numel() > 1:
+                fps = fps.reshape(-1).expand(b).repeat_interleave(t)
+            emb = self.embed(timesteps.reshape(-1), fps)
+        else:
+            timesteps = timesteps.reshape(-1).expand(b) if timesteps.numel() == 1 else timesteps
+            emb = self.embed(timesteps, fps).repeat_interleave(t, dim=0)
         ctx = context.repeat_interleave(t, dim=0)
         hcur = x.transpose(1, 2).reshape(b * t, -1, h, w)
         run = self._run
@@ -339,7 +346,8 @@ class VideoCrafterModel(nn.Module):
         fps: torch.Tensor | int | None = None,
         image_context: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """``x`` ``[B,C,T,H,W]``; ``image_context`` the CLIP image tokens ``[B,257,D]`` (Image2Video only).
+        """``x`` ``[B,C,T,H,W]``, ``timesteps`` ``[B]`` or per frame ``[B,T]``; ``image_context`` the CLIP image
+        tokens ``[B,257,D]`` (Image2Video only).
 
         Every module runs at every frame count, T=1 included, exactly as in VideoCrafter. The unconditional
         image (guidance, image dropout) is the mid-grey image's tokens, not zeros: see
