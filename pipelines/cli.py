@@ -32,6 +32,10 @@ COMMANDS = {
         "trainer.generate.cli",
         "sample T2V/I2V videos (mp4, GIF, HTML gallery) from weights; FIFO-Diffusion for long videos",
     ),
+    "perturb": (
+        "trainer.perturb.cli",
+        "VideoCrafter2's parameter-perturbation study (Table 3) + HTML report",
+    ),
 }
 
 

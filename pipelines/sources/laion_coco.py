@@ -85,7 +85,7 @@ class LaionCocoReader(SourceReader):
     def _parquet(self, f) -> pq.ParquetFile:
         try:
             return pq.ParquetFile(f)
-        except (pa.ArrowInvalid, OSError) as exc:
+        except _GROUP_ERRORS as exc:  # not parquet, or a footer that does not parse (bad thrift, bad UTF-8)
             raise WrongFileError(
                 self.manifest, self.name, LAION_COCO_REQUIRED, reason=f"not a parquet file ({exc})"
             ) from exc
@@ -93,8 +93,13 @@ class LaionCocoReader(SourceReader):
     def _check(self) -> None:
         with self.open("rb") as f:
             parquet = self._parquet(f)
-            names = parquet.schema_arrow.names
-            self._num_rows = parquet.metadata.num_rows
+            try:
+                names = parquet.schema_arrow.names
+                self._num_rows = parquet.metadata.num_rows
+            except _GROUP_ERRORS as exc:  # a damaged footer: column names that are not UTF-8, ...
+                raise WrongFileError(
+                    self.manifest, self.name, LAION_COCO_REQUIRED, reason=f"unreadable parquet footer ({exc})"
+                ) from exc
         check_required_columns(self.manifest, self.name, names, LAION_COCO_REQUIRED)
         self.columns = [c for c in LAION_COCO_SCHEMA.names if c in names]
         self._group: tuple[int, pa.Table] | None = None

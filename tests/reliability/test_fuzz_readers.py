@@ -201,3 +201,17 @@ def test_laion_coco_corrupted_parquet(data: bytes, flips) -> None:
     for position, value in flips:
         raw[position % len(raw)] = value
     check("laion_coco", bytes(raw))
+
+
+def test_laion_coco_footer_with_a_non_utf8_column_name_is_a_wrong_file(tmp_path) -> None:
+    """Found by the fuzzer: a flipped byte in a column name of the footer (pyarrow raises UnicodeDecodeError)."""
+    buf = io.BytesIO()
+    pq.write_table(pa.table({"URL": ["http://127.0.0.1:1/x.jpg"], "top_caption": ["a cat"]}), buf)
+    path = tmp_path / "part.parquet"
+    path.write_bytes(buf.getvalue().replace(b"top_caption", b"\x80op_caption"))  # the parquet schema's names
+    try:
+        make_reader("laion_coco", str(path))
+    except WrongFileError as exc:
+        assert str(path) in str(exc)
+    else:
+        raise AssertionError("a footer that does not decode must be refused at open")
