@@ -1,4 +1,5 @@
-"""`make demo`: sample data -> local-Ray encode job -> stats -> DeepSpeed training through every phase -> preview."""
+"""`make demo`: sample data -> local-Ray encode job -> stats -> DeepSpeed training through every phase -> preview
+-> a miniature of VideoCrafter2's perturbation study."""
 
 from __future__ import annotations
 
@@ -66,11 +67,25 @@ def main(argv: list[str] | None = None) -> int:
         ],
         env,
     )
+    shutil.rmtree(out / "train-temporal", ignore_errors=True)
+    shutil.rmtree(out / "study", ignore_errors=True)
+    deepspeed = [str(bin_dir / "deepspeed"), "--num_gpus", str(args.ranks), "trainer/main.py", "--config"]
+    times["study base P"] = _step(
+        "perturbation study: base P (temporal modules trained only)",
+        [*deepspeed, "configs/train/demo-temporal.yaml"],
+        env,
+    )
+    times["study"] = _step(
+        "perturbation study (4 variants, 2 steps each)",
+        [cli, "perturb", "--config", "configs/study/demo.yaml"],
+        env,
+    )
     previews = sorted((out / "train").rglob("*.mp4")) + sorted((out / "train").rglob("*.gif"))
     print("\n=== demo done")
     for name, took in times.items():
         print(f"  {name:<14} {took:7.1f} s")
     print(f"  shards:  {out / 'shards'}\n  stats:   {out / 'stats.html'}")
+    print(f"  study:   {out / 'study' / 'report.html'}")
     print(f"  previews: {', '.join(str(p) for p in previews[-2:]) or 'none written'}")
     print(f"  tensorboard --logdir {out / 'train'} --host 127.0.0.1")
     return 0 if previews else 1

@@ -202,3 +202,15 @@ def test_videocrafter_presets_set_their_own_options():
     ):
         with pytest.raises(ValueError, match=needle):
             ModelConfig(model_dir="m", **bad)
+
+
+def test_every_shipped_study_config_loads():
+    from pathlib import Path
+
+    from trainer.perturb.config import load_study_config
+
+    configs = sorted((Path(__file__).resolve().parents[2] / "configs" / "study").glob("*.yaml"))
+    assert {p.name for p in configs} >= {"demo.yaml", "vc2-perturbation.yaml"}
+    for path in configs:
+        study = load_study_config(str(path), [])
+        assert study.variants and study.eval_steps[-1] == study.steps, path
