@@ -156,6 +156,23 @@ def _frozen(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     return module.to(device)
 
 
+def clip_preprocess(x: torch.Tensor, size: int, crop: int, mean, std) -> torch.Tensor:
+    """float [N,3,H,W] in [0,1] -> CLIP's input: shortest side to `size` (bicubic, antialiased), center crop to
+    `crop`, mean/std normalisation (the HF CLIPImageProcessor recipe, on tensors)."""
+    h, w = x.shape[-2:]
+    scale = size / min(h, w)
+    nh, nw = max(crop, round(h * scale)), max(crop, round(w * scale))
+    if (nh, nw) != (h, w):
+        x = torch.nn.functional.interpolate(
+            x, size=(nh, nw), mode="bicubic", antialias=True, align_corners=False
+        )
+    top, left = (nh - crop) // 2, (nw - crop) // 2
+    x = x[:, :, top : top + crop, left : left + crop].clamp(0, 1)
+    mean = torch.tensor(mean, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    std = torch.tensor(std, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
 class FrozenEncoders:
     """VideoCrafter's frozen encoders: VAE posterior per frame, OpenCLIP-H text tokens, CLIP-H image tokens."""
 
@@ -292,18 +309,7 @@ class FrozenEncoders:
         if self.config.image_preprocess == "videocrafter":
             x = videocrafter_preprocess((x - 0.5) * 2, crop, self.image_prep["mean"], self.image_prep["std"])
             return x.to(self.dtype)
-        h, w = x.shape[-2:]
-        scale = size / min(h, w)
-        nh, nw = max(crop, round(h * scale)), max(crop, round(w * scale))
-        if (nh, nw) != (h, w):
-            x = torch.nn.functional.interpolate(
-                x, size=(nh, nw), mode="bicubic", antialias=True, align_corners=False
-            )
-        top, left = (nh - crop) // 2, (nw - crop) // 2
-        x = x[:, :, top : top + crop, left : left + crop].clamp_(0, 1)
-        mean = torch.tensor(self.image_prep["mean"], device=self.device).view(1, 3, 1, 1)
-        std = torch.tensor(self.image_prep["std"], device=self.device).view(1, 3, 1, 1)
-        return ((x - mean) / std).to(self.dtype)
+        return clip_preprocess(x, size, crop, self.image_prep["mean"], self.image_prep["std"]).to(self.dtype)
 
     @torch.inference_mode()
     def null_image_tokens(self) -> np.ndarray:

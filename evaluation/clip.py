@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from encoders.models import clip_preprocess
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing downloads: every model comes from a local folder
 
 
@@ -97,18 +99,7 @@ class ClipEmbedder:
         """uint8 [N,H,W,3] -> float [N,3,S,S]: shortest side to S (bicubic), center crop, CLIP mean/std."""
         x = torch.from_numpy(np.ascontiguousarray(frames)).to(self.device).permute(0, 3, 1, 2).float() / 255
         size, crop = int(self.image_prep["size"]), int(self.image_prep["crop"])
-        h, w = x.shape[-2:]
-        scale = size / min(h, w)
-        nh, nw = max(crop, round(h * scale)), max(crop, round(w * scale))
-        if (nh, nw) != (h, w):
-            x = torch.nn.functional.interpolate(
-                x, size=(nh, nw), mode="bicubic", antialias=True, align_corners=False
-            )
-        top, left = (nh - crop) // 2, (nw - crop) // 2
-        x = x[:, :, top : top + crop, left : left + crop].clamp(0, 1)
-        mean = torch.tensor(self.image_prep["mean"], device=self.device).view(1, 3, 1, 1)
-        std = torch.tensor(self.image_prep["std"], device=self.device).view(1, 3, 1, 1)
-        return (x - mean) / std
+        return clip_preprocess(x, size, crop, self.image_prep["mean"], self.image_prep["std"])
 
     @torch.inference_mode()
     def embed_images(self, frames: np.ndarray, batch_size: int = 32) -> torch.Tensor:

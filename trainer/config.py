@@ -378,24 +378,28 @@ def config_from_dict(data: dict) -> TrainConfig:
     return _build(TrainConfig, data)
 
 
+def apply_override(data: dict, item: str) -> None:
+    """Apply one "a.b.c=value" override (value parsed as YAML; numeric parts index lists) to a config dict."""
+    key, sep, raw = item.partition("=")
+    if not sep:
+        raise ValueError(f"override {item!r} must look like key.sub=value")
+    node = data
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node[int(part)] if isinstance(node, list) else node.setdefault(part, {})
+    value = yaml.safe_load(raw)
+    if isinstance(node, list):
+        node[int(parts[-1])] = value
+    else:
+        node[parts[-1]] = value
+
+
 def load_config(path: str, overrides: list[str] | None = None) -> TrainConfig:
     """Read a YAML run config; `overrides` are "a.b.c=value" strings (value parsed as YAML)."""
     with open(path) as f:
         data = yaml.safe_load(f)
     for item in overrides or []:
-        key, sep, raw = item.partition("=")
-        if not sep:
-            raise ValueError(f"override {item!r} must look like key.sub=value")
-        node = data
-        parts = key.split(".")
-        for part in parts[:-1]:
-            node = node[int(part)] if isinstance(node, list) else node.setdefault(part, {})
-        last = parts[-1]
-        value = yaml.safe_load(raw)
-        if isinstance(node, list):
-            node[int(last)] = value
-        else:
-            node[last] = value
+        apply_override(data, item)
     return config_from_dict(data)
 
 

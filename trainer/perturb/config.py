@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 
 import yaml
 
+from trainer.config import apply_override
+
 # variant name (the paper's) -> (base model, trainable, lora targets or None)
 VARIANTS = {
     "F-Spa-LoRA": ("F", "lora", "spatial"),
@@ -118,26 +120,11 @@ class StudyConfig:
         return dataclasses.asdict(self)
 
 
-def _set(data: dict, item: str) -> None:
-    key, sep, raw = item.partition("=")
-    if not sep:
-        raise ValueError(f"override {item!r} must look like key.sub=value")
-    node = data
-    parts = key.split(".")
-    for part in parts[:-1]:
-        node = node[int(part)] if isinstance(node, list) else node.setdefault(part, {})
-    value = yaml.safe_load(raw)
-    if isinstance(node, list):
-        node[int(parts[-1])] = value
-    else:
-        node[parts[-1]] = value
-
-
 def load_study_config(path: str, overrides: list[str] | None = None) -> StudyConfig:
     with open(path) as f:
         data = yaml.safe_load(f)
     for item in overrides or []:
-        _set(data, item)
+        apply_override(data, item)
     names = {f.name for f in dataclasses.fields(StudyConfig)}
     unknown = sorted(set(data) - names)
     if unknown:
