@@ -39,6 +39,8 @@ class ModelsConfig:
     device: str = "auto"  # auto -> cuda if available else cpu; or cpu, cuda, cuda:N
     dtype: str = "fp32"  # fp32 | fp16 | bf16 (fp16/bf16 only on cuda)
     image_tokens: bool = True  # compute image tokens for images and each video's first frame
+    vae: bool = True  # load the VAE (False: its scale factor and id come from vae/config.json only)
+    text_encoder: bool = True  # load the text encoder (False: its id only; encode_text then raises)
     frame_batch_size: int = 16  # frames per VAE forward
     # CLIP image preprocessing: "videocrafter" = FrozenOpenCLIPImageEmbedderV2's (kornia resize of the whole
     # image to SxS, bicubic + Gaussian antialias, no crop); "clip" = shortest side to S, center crop.
@@ -183,17 +185,23 @@ class FrozenEncoders:
         model_dir = Path(config.model_dir)
         if config.tiny and not (model_dir / "vae" / "config.json").is_file():
             write_tiny_models_atomic(str(model_dir))
-        self.vae = _frozen(load_vae(model_dir / "vae", self.dtype), self.device)
-        self.text_encoder = _frozen(load_text_encoder(model_dir / "text_encoder", self.dtype), self.device)
-        self.tokenizer = load_tokenizer(model_dir / "tokenizer")
-        self.scale_factor = float(self.vae.config.scaling_factor)
-        self.latent_channels = int(self.vae.config.latent_channels)
-        self.downsample = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        self.text_dim = int(self.text_encoder.config.hidden_size)
-        self.text_has_projection = hasattr(self.text_encoder, "text_projection")
-        self.max_length = min(
-            int(self.tokenizer.model_max_length), self.text_encoder.config.max_position_embeddings
-        )
+        self.vae = _frozen(load_vae(model_dir / "vae", self.dtype), self.device) if config.vae else None
+        vae_config = json.loads((_require(model_dir / "vae", "VAE") / "config.json").read_text())
+        self.scale_factor = float(vae_config.get("scaling_factor", 0.18215))
+        self.latent_channels = int(vae_config.get("latent_channels", 4))
+        self.downsample = 2 ** (len(vae_config["block_out_channels"]) - 1)
+        self.text_encoder = self.tokenizer = None
+        self.text_dim = self.text_has_projection = self.max_length = None
+        if config.text_encoder:
+            self.text_encoder = _frozen(
+                load_text_encoder(model_dir / "text_encoder", self.dtype), self.device
+            )
+            self.tokenizer = load_tokenizer(model_dir / "tokenizer")
+            self.text_dim = int(self.text_encoder.config.hidden_size)
+            self.text_has_projection = hasattr(self.text_encoder, "text_projection")
+            self.max_length = min(
+                int(self.tokenizer.model_max_length), self.text_encoder.config.max_position_embeddings
+            )
         self.ids = {
             "vae_id": folder_id(model_dir / "vae"),
             "text_encoder_id": folder_id(model_dir / "text_encoder"),
@@ -222,7 +230,7 @@ class FrozenEncoders:
     @property
     def has_clip_score(self) -> bool:
         """True when text and image embeddings share one projected space (tiny: yes; SD 2.1: no)."""
-        return (
+        return bool(
             self.text_has_projection
             and self.image_encoder is not None
             and self.text_encoder.config.projection_dim == self.image_encoder.config.projection_dim
@@ -278,6 +286,8 @@ class FrozenEncoders:
         encoder has a projection, else the EOS token's hidden state. num_tokens counts BOS/EOS and is
         taken before padding/truncation.
         """
+        if self.text_encoder is None:
+            raise RuntimeError("text encoder not loaded: set models.text_encoder: true")
         captions = [c if isinstance(c, str) else "" for c in captions]
         num_tokens = [
             len(ids) for ids in self.tokenizer(captions, truncation=False, verbose=False)["input_ids"]
@@ -299,17 +309,33 @@ class FrozenEncoders:
         x = torch.from_numpy(np.ascontiguousarray(images)).to(self.device).permute(0, 3, 1, 2).float() / 255
         return self._preprocess01(x)
 
-    def _preprocess01(self, x: torch.Tensor) -> torch.Tensor:
-        """float [N,3,H,W] in [0,1] -> the image encoder's normalized input [N,3,S,S] in self.dtype.
+    def _preprocess01(self, x: torch.Tensor, *, normalize: bool = True) -> torch.Tensor:
+        """float [N,3,H,W] in [0,1] -> the image encoder's normalized input [N,3,S,S] in self.dtype
+        (`normalize` False: the resized [0,1] pixels, float32).
 
         videocrafter: to [-1,1] as VideoCrafter's data ((x - 0.5) * 2), then videocrafter_preprocess.
         clip: shortest side to S (bicubic, antialiased), center crop, CLIP mean/std.
         """
         size, crop = self.image_prep["size"], self.image_prep["crop"]
+        mean, std = (
+            (self.image_prep["mean"], self.image_prep["std"]) if normalize else ((0.0,) * 3, (1.0,) * 3)
+        )
         if self.config.image_preprocess == "videocrafter":
-            x = videocrafter_preprocess((x - 0.5) * 2, crop, self.image_prep["mean"], self.image_prep["std"])
-            return x.to(self.dtype)
-        return clip_preprocess(x, size, crop, self.image_prep["mean"], self.image_prep["std"]).to(self.dtype)
+            x = videocrafter_preprocess((x - 0.5) * 2, crop, mean, std)
+        else:
+            x = clip_preprocess(x, size, crop, mean, std)
+        return x.to(self.dtype) if normalize else x
+
+    @torch.inference_mode()
+    def condition_frames(self, images: np.ndarray) -> np.ndarray:
+        """uint8 [N,H,W,3] -> uint8 [N,S,S,3]: the pixels the image encoder sees (models.image_preprocess's
+        resize/crop, before normalising). encode_images of them gives encode_images(images) up to the 8-bit
+        rounding (the resize from S to S is the identity): what storage image=frame keeps."""
+        if self.image_encoder is None:
+            raise RuntimeError("image encoder not loaded: set models.image_tokens: true")
+        x = torch.from_numpy(np.ascontiguousarray(images)).to(self.device).permute(0, 3, 1, 2).float() / 255
+        x = self._preprocess01(x, normalize=False).clamp_(0, 1).mul_(255).round_()
+        return x.to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
     @torch.inference_mode()
     def null_image_tokens(self) -> np.ndarray:

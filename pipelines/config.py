@@ -10,6 +10,7 @@ import yaml
 
 from encoders.models import ModelsConfig
 from schemas import SOURCES
+from shards.profiles import StorageProfile
 
 _RES_RE = re.compile(r"^\d+x\d+$")
 
@@ -276,12 +277,21 @@ class PipelineConfig:
     ray: RayConfig = field(default_factory=RayConfig)
     clip_retrieval: bool = True  # write pooled embeddings in clip-retrieval's layout under out_dir/embeddings
     seed: int = 0  # clip start positions derive from (seed, key)
+    # what each sample stores: a named profile (full, compact, lean) or {latent, image, text}; see
+    # shards.profiles. full keeps everything as float16; lean stores <= 0.5 MB per 512x320x16 video
+    storage: StorageProfile | str | dict = "full"
 
     def __post_init__(self):
         if not self.out_dir:
             raise ValueError("out_dir is empty: give the folder the shards go to")
         if not self.sources:
             raise ValueError("sources is empty: list at least one of webvid, laion_coco, jdb")
+        self.storage = StorageProfile.parse(self.storage)
+        if self.storage.image == "frame" and not self.models.image_tokens:
+            raise ValueError(
+                "storage.image=frame stores the Image2Video conditioning frame, which this job does not "
+                "compute: set models.image_tokens: true, or storage.image: tokens"
+            )
         names = [s.name for s in self.sources]
         if len(set(names)) != len(names):
             raise ValueError(f"sources: each dataset may appear once, got {names}")

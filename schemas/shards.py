@@ -5,8 +5,10 @@ from __future__ import annotations
 import pyarrow as pa
 
 # Members of one webdataset sample (tar member "<key>.<member>"). Arrays are .npy (never pickled).
-# latent.npy is the VAE posterior mean [C, T, h, w] float16, *unscaled*; latent_std.npy its std;
-# the trainer draws mean + std * eps and multiplies by json["scale_factor"] (shards.reader does this).
+# latent.npy is the VAE posterior mean [C, T, h, w] float16, *unscaled*; latent_std.npy its std (or
+# latent_logstd8.npy, its log quantised to 8 bits); the loader draws mean + std * eps and multiplies by
+# json["scale_factor"] (shards.decode does this). Which optional members a shard holds is its storage
+# profile (shards.profiles), recorded in the index column `storage_profile`.
 SAMPLE_MEMBERS = pa.schema(
     [
         pa.field("__key__", pa.string(), nullable=False),
@@ -14,13 +16,15 @@ SAMPLE_MEMBERS = pa.schema(
             "latent.npy", pa.binary(), nullable=False, metadata={"dtype": "float16", "shape": "C,T,h,w"}
         ),
         pa.field("latent_std.npy", pa.binary(), metadata={"dtype": "float16", "shape": "C,T,h,w"}),
+        # round((log std - logstd_offset) / logstd_step), the two numbers in the index row
+        pa.field("latent_logstd8.npy", pa.binary(), metadata={"dtype": "uint8", "shape": "C,T,h,w"}),
         pa.field("txt", pa.string(), nullable=False),
-        pa.field(
-            "text_tokens.npy", pa.binary(), nullable=False, metadata={"dtype": "float16", "shape": "77,D"}
-        ),
+        pa.field("text_tokens.npy", pa.binary(), metadata={"dtype": "float16", "shape": "77,D"}),
         pa.field("text_pooled.npy", pa.binary(), nullable=False, metadata={"dtype": "float16", "shape": "D"}),
         pa.field("image_tokens.npy", pa.binary(), metadata={"dtype": "float16", "shape": "257,Dv"}),
         pa.field("image_pooled.npy", pa.binary(), metadata={"dtype": "float16", "shape": "P"}),
+        # the Image2Video conditioning frame, a quality-95 JPEG at the image encoder's input size (S x S)
+        pa.field("cond_frame.jpg", pa.binary(), metadata={"shape": "S,S,3"}),
         pa.field("json", pa.string(), nullable=False),
     ]
 )
@@ -92,10 +96,15 @@ SHARD_INDEX_SCHEMA = pa.schema(
         pa.field("pwatermark", pa.float32()),
         pa.field("clip_score", pa.float32()),
         pa.field("aesthetic", pa.float32()),
-        pa.field("bytes_latent", pa.int64()),  # latent.npy + latent_std.npy
+        pa.field("bytes_latent", pa.int64()),  # latent.npy + latent_std.npy + latent_logstd8.npy
         pa.field("bytes_text_tokens", pa.int64()),  # text_tokens.npy + text_pooled.npy
         pa.field("bytes_image_tokens", pa.int64()),  # image_tokens.npy + image_pooled.npy
+        pa.field("bytes_image_frame", pa.int64()),  # cond_frame.jpg
         pa.field("bytes_total", pa.int64()),  # all members, tar headers included
+        # what the sample stores (shards.profiles.StorageProfile as text); null in shards written before it: full
+        pa.field("storage_profile", pa.string()),
+        pa.field("logstd_offset", pa.float32()),  # latent_logstd8.npy: log std = offset + step * q
+        pa.field("logstd_step", pa.float32()),
         pa.field("scale_factor", pa.float32()),
         pa.field("vae_id", pa.string()),
         pa.field("text_encoder_id", pa.string()),

@@ -84,6 +84,9 @@ class LoaderConfig:
     skip_duplicates: bool = True
     # Extra keyword arguments for fsspec when opening URLs (e.g. {"anon": True}).
     storage_options: dict = field(default_factory=dict)
+    # Shards of different storage profiles (shards.profiles) in one run: False refuses them, naming the
+    # shards; True reads each shard by its own profile (e.g. mean-only images beside sampled videos).
+    mixed_profiles: bool = False
     # Aspect buckets (shards encoded with decode.bucketing): group samples by (kind, latent size) so every
     # batch has one shape. False: every latent must have the stage's size (and batches are as before).
     bucketing: bool = False

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from shards.format import REQUIRED_MEMBERS, decode_npy, parse_resolution
+from shards.profiles import decode_cond_frame, dequantize_logstd
 from shards.reader import BadSample, ShardInfo, ShardMismatchError
 
 log = logging.getLogger(__name__)
@@ -117,11 +118,18 @@ def decode_sample(
     """Raw members -> a typed sample dict; BadSample for unusable samples, ShardMismatchError for foreign ones."""
     key = shard.keys[row]
     where = f"{shard.url} sample {key!r}"
+    profile = shard.profile
     missing = [m for m in REQUIRED_MEMBERS if m not in raw]
+    # the profile's members (image conditioning only where the job computed it: image_pooled.npy says so)
+    missing += [m for m in profile.members(image="image_pooled.npy" in raw) if m not in raw]
     if missing:
-        raise BadSample("missing_member", f"{where}: missing {missing}")
+        raise BadSample("missing_member", f"{where}: missing {missing} (storage profile {profile.name})")
     arrays = {}
-    for member in ("latent.npy", "latent_std.npy", "text_tokens.npy", "text_pooled.npy", "image_tokens.npy"):
+    for member in (
+        "latent.npy",
+        "text_pooled.npy",
+        *(m for m in profile.members(image=True) if m.endswith(".npy") and m != "image_pooled.npy"),
+    ):
         if member in raw:
             try:
                 arrays[member] = decode_array(raw[member])
@@ -140,13 +148,20 @@ def decode_sample(
         caption = bytes(raw["txt"]).decode("utf-8")
     except Exception as exn:
         raise BadSample("bad_member", f"{where}: {type(exn).__name__}: {exn}") from None
-    mean, std = arrays["latent.npy"], arrays.get("latent_std.npy")
-    text_tokens, text_pooled = arrays["text_tokens.npy"], arrays["text_pooled.npy"]
-    image_tokens = arrays.get("image_tokens.npy")
+    mean, std = arrays["latent.npy"], _latent_std(arrays, shard, row, where)
+    text_tokens, text_pooled = arrays.get("text_tokens.npy"), arrays["text_pooled.npy"]
+    image_tokens, cond_frame = arrays.get("image_tokens.npy"), None
     if std is not None and std.shape != mean.shape:
         raise BadSample(
-            "shape_mismatch", f"{where}: latent_std shape {std.shape} != latent shape {mean.shape}"
+            "shape_mismatch", f"{where}: latent std shape {std.shape} != latent shape {mean.shape}"
         )
+    if "cond_frame.jpg" in raw and profile.image == "frame":
+        try:
+            cond_frame = torch.from_numpy(decode_cond_frame(raw["cond_frame.jpg"]))
+        except Exception as exn:
+            raise BadSample(
+                "bad_member", f"{where}: member cond_frame.jpg: {type(exn).__name__}: {exn}"
+            ) from None
     expect._check(
         where, meta.get("stage"), meta.get("vae_id"), meta.get("text_encoder_id"), meta.get("scale_factor")
     )
@@ -168,13 +183,33 @@ def decode_sample(
         "kind": shard.kind,
         "latent": latent,
         "latent_std": latent_std,
-        "text_tokens": torch.from_numpy(text_tokens).float(),
+        "text_tokens": None if text_tokens is None else torch.from_numpy(text_tokens).float(),
         "text_pooled": torch.from_numpy(text_pooled).float(),
         "image_tokens": None if image_tokens is None else torch.from_numpy(image_tokens).float(),
+        "cond_frame": cond_frame,  # uint8 [S,S,3] (storage image=frame): the trainer computes its tokens
         "fps": float(meta.get("sample_fps") or meta.get("fps") or 0.0),
         "caption": caption,
         "meta": meta,
     }
+
+
+def _latent_std(arrays: dict, shard: ShardInfo, row: int, where: str) -> np.ndarray | None:
+    """The posterior std as stored by the shard's profile: float16 as is, logstd8 expanded with the index
+    row's offset and step, None for latent=mean (the loader then serves the mean)."""
+    if "latent_logstd8.npy" not in arrays:
+        return arrays.get("latent_std.npy")
+    q = arrays["latent_logstd8.npy"]
+    scale = shard.logstd_scale(row)
+    if q.dtype != np.uint8 or scale is None:
+        raise BadSample(
+            "bad_member",
+            f"{where}: latent_logstd8.npy is {q.dtype} with index logstd_offset/logstd_step {scale}; "
+            "want uint8 and both numbers",
+        )
+    try:
+        return dequantize_logstd(q, *scale)
+    except ValueError as exn:
+        raise BadSample("bad_member", f"{where}: {exn}") from None
 
 
 # ---------------------------------------------------------------- bad samples

@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from schemas import ERROR_SCHEMA, REQUIRED_MEMBERS, SAMPLE_MEMBERS, SHARD_INDEX_SCHEMA, conform
+from shards.profiles import StorageProfile
 
 # The VideoCrafter resolution stages, tagged "WxH".
 RESOLUTIONS = {"256x256": (256, 256), "512x320": (512, 320), "1024x576": (1024, 576)}
@@ -229,6 +230,13 @@ class ShardWriter:
         unknown = [m for m in members if m not in KNOWN_MEMBERS]
         if missing or unknown:
             raise ValueError(f"sample {key!r}: missing members {missing}, unknown members {unknown}")
+        if index_row.get("storage_profile"):  # the members must be the ones the profile promises
+            profile = StorageProfile.parse(index_row["storage_profile"])
+            want = set(REQUIRED_MEMBERS) | set(profile.members(image="image_pooled.npy" in members))
+            if set(members) != want:
+                raise ValueError(
+                    f"sample {key!r}: storage profile {profile.name} stores {sorted(want)}, got {sorted(members)}"
+                )
         offset = self._offset
         sizes = {}
         for member in sorted(members):
@@ -243,9 +251,12 @@ class ShardWriter:
             sizes[member] = len(data)
         self._keys.add(key)
         row = dict(index_row, key=key, shard=self.name, offset=offset)
-        row["bytes_latent"] = sizes.get("latent.npy", 0) + sizes.get("latent_std.npy", 0)
+        row["bytes_latent"] = sum(
+            sizes.get(m, 0) for m in ("latent.npy", "latent_std.npy", "latent_logstd8.npy")
+        )
         row["bytes_text_tokens"] = sizes.get("text_tokens.npy", 0) + sizes.get("text_pooled.npy", 0)
         row["bytes_image_tokens"] = sizes.get("image_tokens.npy", 0) + sizes.get("image_pooled.npy", 0)
+        row["bytes_image_frame"] = sizes.get("cond_frame.jpg", 0)
         row["bytes_total"] = self._offset - offset
         self._index.append(row)
 

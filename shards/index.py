@@ -19,8 +19,10 @@ from shards.format import (
     removed_keys,
     shard_folder,
 )
+from shards.profiles import PROFILES, StorageProfile
 
 INDEX_COLUMNS = ["kind", "stage", "vae_id", "text_encoder_id", "scale_factor"]
+PROFILE_COLUMN = "storage_profile"  # absent or null in indexes written before storage profiles: full
 
 
 class ShardMismatchError(ValueError):
@@ -79,6 +81,8 @@ class ShardInfo:
     storage_options: dict = field(default_factory=dict)
     # Keys of this shard removed by the dedup step (skipped; not counted in num_samples).
     removed: frozenset = frozenset()
+    # What its samples store (index column storage_profile; shards written before profiles: full).
+    profile: StorageProfile = PROFILES["full"]
 
     def _rows(self) -> tuple[list[str], np.ndarray, np.ndarray]:
         cache_key = (self.url, self.removed)
@@ -141,37 +145,51 @@ class ShardInfo:
         return self._rows()[5]
 
     def index_shapes(self, row: int) -> dict[str, list[int]]:
-        """{member: shape} the index row promises ("latent.npy", "latent_std.npy", "text_tokens.npy",
-        "image_tokens.npy"); members whose index shape is null or absent are left out."""
+        """{member: shape} the index row promises ("latent.npy", "latent_std.npy", "latent_logstd8.npy",
+        "text_tokens.npy", "image_tokens.npy"); members whose index shape is null or absent are left out."""
         out = {}
         for column, array in self._rows()[3].items():
-            shape = array[row].as_py()
+            shape = array[row].as_py() if column in SHAPE_COLUMNS else None
             if shape is not None:
                 for member in SHAPE_COLUMNS[column]:
                     out[member] = shape
         return out
 
+    def logstd_scale(self, row: int) -> tuple[float, float] | None:
+        """(logstd_offset, logstd_step) of a mean+logstd8 row (None when the index has none)."""
+        columns = self._rows()[3]
+        if "logstd_offset" not in columns or "logstd_step" not in columns:
+            return None
+        offset, step = columns["logstd_offset"][row].as_py(), columns["logstd_step"][row].as_py()
+        return None if offset is None or step is None else (float(offset), float(step))
+
 
 SHAPE_COLUMNS = {
-    "latent_shape": ("latent.npy", "latent_std.npy"),
+    "latent_shape": ("latent.npy", "latent_std.npy", "latent_logstd8.npy"),
     "text_tokens_shape": ("text_tokens.npy",),
     "image_tokens_shape": ("image_tokens.npy",),
 }
+ROW_COLUMNS = ("logstd_offset", "logstd_step")  # per-row numbers the decoder needs besides the shapes
 
 
 def _read_shapes(tar_url: str, storage_options: dict | None) -> dict:
-    """The index's shape columns present in its schema, as combined pyarrow list arrays (compact in memory)."""
+    """The index's shape (and ROW_COLUMNS) columns present in its schema, as combined pyarrow arrays."""
     fs, path = fsspec.core.url_to_fs(index_url(tar_url), **(storage_options or {}))
     with fs.open(path, "rb") as f:
         pf = pq.ParquetFile(f)
-        columns = [c for c in SHAPE_COLUMNS if c in pf.schema_arrow.names]
+        columns = [c for c in (*SHAPE_COLUMNS, *ROW_COLUMNS) if c in pf.schema_arrow.names]
         table = pf.read(columns=columns) if columns else None
     return {c: table.column(c).combine_chunks() for c in columns}
 
 
-def _read_index(tar_url: str, columns: list[str], storage_options: dict | None):
+def _read_index(tar_url: str, columns: list[str], storage_options: dict | None, optional=()):
+    """Columns of a tar's index parquet; those in `optional` are left out when the index lacks them."""
     fs, path = fsspec.core.url_to_fs(index_url(tar_url), **(storage_options or {}))
     with fs.open(path, "rb") as f:
+        if optional:
+            pf = pq.ParquetFile(f)
+            have = set(pf.schema_arrow.names)
+            return pf.read(columns=[c for c in columns if c in have or c not in optional])
         return pq.read_table(f, columns=columns)
 
 
@@ -195,7 +213,8 @@ def read_shard_info(
     fs, path = fsspec.core.url_to_fs(index_url(url), **(storage_options or {}))
     if not fs.exists(path):
         return None
-    table = _read_index(url, INDEX_COLUMNS + (["key"] if removed else []), storage_options)
+    columns = INDEX_COLUMNS + [PROFILE_COLUMN] + (["key"] if removed else [])
+    table = _read_index(url, columns, storage_options, optional=(PROFILE_COLUMN,))
     skip = frozenset(k for k in table.column("key").to_pylist() if k in removed) if removed else frozenset()
     name = parse_shard_stem(url)
     kind = _single(table, "kind", url) or "video"
@@ -207,6 +226,12 @@ def read_shard_info(
             f"shard {url}: file name says stage {name['stage']} but its index says {stage}"
         )
     scale = _single(table, "scale_factor", url)
+    try:
+        profile = StorageProfile.parse(
+            _single(table, PROFILE_COLUMN, url) if PROFILE_COLUMN in table.column_names else None
+        )
+    except ValueError as exn:
+        raise ShardMismatchError(f"shard {url}: index column {PROFILE_COLUMN}: {exn}") from None
     return ShardInfo(
         url=url,
         source=name["source"],
@@ -218,6 +243,7 @@ def read_shard_info(
         scale_factor=None if scale is None else float(scale),
         storage_options=dict(storage_options or {}),
         removed=skip,
+        profile=profile,
     )
 
 

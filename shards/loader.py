@@ -90,7 +90,29 @@ def _index_sources(config: LoaderConfig) -> dict[str, list[ShardInfo]]:
                 f"source {spec.name!r} mixes kinds {sorted(kinds)}; split it into two sources"
             )
         shards[spec.name] = infos
+    _check_profiles(config, shards)
     return shards
+
+
+def _check_profiles(config: LoaderConfig, shards: dict[str, list[ShardInfo]]) -> None:
+    """One storage profile for the whole run unless LoaderConfig.mixed_profiles; else a ShardMismatchError
+    naming the profiles, a few shards of each and the options."""
+    found: dict[str, list[str]] = {}
+    for infos in shards.values():
+        for info in infos:
+            found.setdefault(info.profile.name, []).append(info.url)
+    if len(found) <= 1 or config.mixed_profiles:
+        if len(found) > 1:
+            log.info("storage profiles %s: each shard is read by its own", sorted(found))
+        return
+    listing = "; ".join(
+        f"{name}: {len(urls)} shard(s), e.g. {', '.join(urls[:2])}" for name, urls in sorted(found.items())
+    )
+    raise ShardMismatchError(
+        f"the shards mix storage profiles ({listing}). Re-encode them with one `storage` profile (the encode "
+        "job's option), or set LoaderConfig.mixed_profiles (data.mixed_profiles in a training config) to "
+        "read each shard by its own profile"
+    )
 
 
 def _expectations(config: LoaderConfig, shards: dict[str, list[ShardInfo]]) -> RunExpectations:
@@ -260,7 +282,22 @@ class ShardLoader:
             "schedule": [cfg.schedule, cfg.image_per_video],
             "shuffle": [cfg.shuffle_buffer, cfg.shard_shuffle, cfg.resampled],
             "latents": [cfg.sample_latents, cfg.return_latent_std],
+            **({"profiles": sorted({str(p) for ps in self.profiles.values() for p in ps})}),
             **({"buckets": self.bucket_batch_sizes()} if cfg.bucketing else {}),
+        }
+
+    @property
+    def profiles(self) -> dict[str, list]:
+        """{source: [StorageProfile, ...]} of the shards this loader reads."""
+        return {n: sorted({i.profile for i in infos}, key=str) for n, infos in self.shards.items()}
+
+    def needs_encoders(self) -> dict[str, bool]:
+        """Which frozen encoders the trainer must run for these shards: {"text": any text=caption,
+        "image": any image=frame}."""
+        profiles = [p for ps in self.profiles.values() for p in ps]
+        return {
+            "text": any(p.text == "caption" for p in profiles),
+            "image": any(p.image == "frame" for p in profiles),
         }
 
     def bucket_batch_sizes(self) -> dict[str, dict[str, int]]:

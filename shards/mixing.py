@@ -80,7 +80,13 @@ class SourceMixer:
 
 
 def collate(samples: list[dict], kind: str, image_fps: float) -> dict:
-    """Samples of one kind -> the trainer batch (torch float32 tensors; image_tokens only if all have them)."""
+    """Samples of one kind -> the trainer batch (torch float32 tensors).
+
+    text_tokens / image_tokens are stacked when every sample has them. Samples of storage profiles that
+    keep the encoders' inputs instead (text=caption, image=frame) leave the work to the trainer: the batch
+    then has "text_tokens_list" ([tokens or None] per sample; the captions are always there) and
+    "image_cond_list" ([tokens, a uint8 [S,S,3] frame, or None] per sample).
+    """
 
     def stack(name):
         return torch.stack([s[name] for s in samples])
@@ -88,7 +94,6 @@ def collate(samples: list[dict], kind: str, image_fps: float) -> dict:
     batch = {
         "kind": kind,
         "latent": stack("latent"),
-        "text_tokens": stack("text_tokens"),
         "text_pooled": stack("text_pooled"),
         "fps": torch.tensor(
             [s["fps"] if kind == "video" else image_fps for s in samples], dtype=torch.float32
@@ -99,8 +104,16 @@ def collate(samples: list[dict], kind: str, image_fps: float) -> dict:
     }
     if samples[0].get("latent_std") is not None:
         batch["latent_std"] = stack("latent_std")
+    if all(s["text_tokens"] is not None for s in samples):
+        batch["text_tokens"] = stack("text_tokens")
+    else:
+        batch["text_tokens_list"] = [s["text_tokens"] for s in samples]
     if all(s["image_tokens"] is not None for s in samples):
         batch["image_tokens"] = stack("image_tokens")
+    elif any(s.get("cond_frame") is not None for s in samples):
+        batch["image_cond_list"] = [
+            s["image_tokens"] if s["image_tokens"] is not None else s.get("cond_frame") for s in samples
+        ]
     return batch
 
 

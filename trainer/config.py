@@ -45,6 +45,12 @@ class DataConfig:
     # the pixel budget batch_size * stage pixels / bucket pixels). See shards.buckets.
     bucketing: bool = False
     buckets: dict = field(default_factory=dict)
+    # Shards of different storage profiles in one phase: refused unless true (then each is read by its own
+    # profile; the trainer encodes captions/frames where a sample has no tokens). See shards.profiles.
+    mixed_profiles: bool = False
+    # Train on latents drawn from the VAE posterior (mean + std * eps, VideoCrafter's encode_first_stage);
+    # False: on the posterior mean, what shards of storage latent=mean always give (deterministic).
+    sample_latents: bool = True
 
     def __post_init__(self):
         self.sources = [s if isinstance(s, SourceSpec) else SourceSpec(**s) for s in self.sources]
@@ -69,10 +75,11 @@ class DataConfig:
             on_bad_sample=self.on_bad_sample,
             bucketing=self.bucketing,
             buckets=dict(self.buckets),
+            mixed_profiles=self.mixed_profiles,
             # the loader hands over the VAE mean and std; the trainer draws the latent on its device
             # (trainer.phases.sample_latent): cheaper than a CPU draw per sample in the loader
             sample_latents=False,
-            return_latent_std=True,
+            return_latent_std=self.sample_latents,
         )
 
 

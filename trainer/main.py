@@ -138,6 +138,7 @@ def train(config, *, resume: bool) -> dict:
     if resume_dir:
         logger.message(f"resuming from {resume_dir}: phase {state.phase_index} step {state.phase_step}")
 
+    encoders = None  # the frozen encoders the shards' storage profiles need (trainer.conditioning)
     weights_from = resume_dir  # a checkpoint whose consolidated weights start the next phase
     # (phase-end checkpoint, its base) of the LoRA phase just run: spares the next phase a rebuild of the base
     lora_end = None
@@ -193,6 +194,7 @@ def train(config, *, resume: bool) -> dict:
         )
         if mid_phase:
             loader.load_state_dict(ckpt.read_loader_state(resume_dir, rank))
+        encoders = on_the_fly(config, loader, encoders, device, logger)
         if ema is not None:
             ema.start_phase(engine.module, config.deepspeed.zero_stage, lora["frozen"] if lora else frozen)
         logger.message(
@@ -217,6 +219,7 @@ def train(config, *, resume: bool) -> dict:
             ckpt_root=ckpt_root,
             frozen=frozen,
             lora=lora["record"] if lora else None,
+            encoders=encoders,
         )
         weights_from = runner.run()
         ema_adapters = None
@@ -241,6 +244,36 @@ def train(config, *, resume: bool) -> dict:
         dist.barrier()
     logger.close()
     return {"global_step": state.global_step, "exports": exports}
+
+
+def on_the_fly(config, loader, have, device, logger):
+    """The OnTheFlyEncoders a phase's shards need (text=caption: the text encoder; image=frame: the image
+    encoder), reusing the previous phase's when it has them; None when the shards store tokens."""
+    need = loader.needs_encoders()
+    if not any(need.values()):
+        return have
+    if (
+        have is None
+        or (need["text"] and have.encoders.text_encoder is None)
+        or (need["image"] and have.encoders.image_encoder is None)
+    ):
+        from trainer.conditioning import OnTheFlyEncoders
+
+        if have is not None:  # keep what the earlier phase loaded
+            need = {
+                "text": need["text"] or have.encoders.text_encoder is not None,
+                "image": need["image"] or have.encoders.image_encoder is not None,
+            }
+        have = OnTheFlyEncoders(config.model, text=need["text"], image=need["image"], device=device)
+        logger.message(
+            "storage profiles "
+            + ", ".join(sorted({p.name for ps in loader.profiles.values() for p in ps}))
+            + ": the trainer runs the frozen "
+            + " and ".join(k + " encoder" for k, v in need.items() if v)
+            + f" on {device}"
+        )
+    have.check_shards([i for infos in loader.shards.values() for i in infos])
+    return have
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -138,6 +138,7 @@ class PhaseRunner:
         ckpt_root: str,
         frozen: dict | None = None,
         lora: dict | None = None,
+        encoders=None,
     ):
         from trainer.diffusion import Diffusion
 
@@ -146,6 +147,9 @@ class PhaseRunner:
         self.text, self.ema, self.logger, self.preview = text, ema, logger, preview
         self.device, self.ckpt_root = device, ckpt_root
         self.frozen = frozen or {}
+        self.encoders = (
+            encoders  # trainer.conditioning.OnTheFlyEncoders when the shards store captions/frames
+        )
         self.lora = lora  # LoRA phase: trainer_state["lora"] (base checkpoint, fingerprint, scale, layers)
         self.diffusion = Diffusion(prediction=config.model.prediction, **config.model.signal_scale())
         self.accum = phase.resolve_grad_accum(world)
@@ -153,7 +157,10 @@ class PhaseRunner:
         self.uncond = text.uncond.to(device)
 
     def cond(self, batch: dict) -> dict:
-        tokens = batch["text_tokens"]
+        if "text_tokens" in batch or self.encoders is None:
+            tokens = batch["text_tokens"]
+        else:
+            tokens = self.encoders.text_tokens(batch)
         if tokens.shape[-1] != self.text.dim:
             raise ValueError(
                 f"shards' text tokens are {tokens.shape[-1]}-wide but model.model_dir's text encoder gives "
@@ -168,6 +175,8 @@ class PhaseRunner:
         cond = {"context": tokens.to(self.device), "fps": fps.to(self.device), "uncond_context": self.uncond}
         if m.image_cross_attention and "image_tokens" in batch:
             cond["image_context"] = batch["image_tokens"].to(self.device)
+        elif m.image_cross_attention and "image_cond_list" in batch and self.encoders is not None:
+            cond["image_context"] = self.encoders.image_tokens(batch)
         if self.text.null_image is not None:  # VideoCrafter I2V: image dropout feeds the mid-grey image
             cond["uncond_image_context"] = self.text.null_image.to(self.device)
         return cond
@@ -177,6 +186,7 @@ class PhaseRunner:
         from trainer.logging import StepStats
 
         stats = StepStats()
+        encode_s = self.encoders.seconds if self.encoders is not None else 0.0
         for micro in range(self.accum):
             start = time.perf_counter()
             batch = next(batches)
@@ -213,6 +223,8 @@ class PhaseRunner:
             "grad_norm": None if grad_norm is None else float(grad_norm),
             "samples_per_s": red["samples"] / max(red["step_s"], 1e-9),
             "data_wait_frac": red["data_wait_s"] / max(red["step_s"], 1e-9),
+            # this rank's seconds in the frozen encoders (storage profiles text=caption / image=frame)
+            "encode_s": (self.encoders.seconds - encode_s) if self.encoders is not None else 0.0,
             "bad_samples": self.loader.stats["bad_samples"],
             "kinds": stats.kinds,
             "keys": stats.keys,  # this rank's sample keys and sources (rank 0's in metrics.jsonl)

@@ -57,10 +57,10 @@ def init_ray(cfg: RayConfig) -> bool:
 class EncoderActor:
     """One copy of the frozen encoders (a GPU each when the cluster has GPUs), called by the shard tasks."""
 
-    def __init__(self, models: dict, filters: dict):
+    def __init__(self, models: dict, filters: dict, storage: dict):
         from pipelines.stages.encode import EncodeRowsStage
 
-        self.stage = EncodeRowsStage(models, filters)
+        self.stage = EncodeRowsStage(models, filters, storage)
         self.busy_s, self.calls, self.rows = 0.0, 0, 0
 
     def node(self) -> str:
@@ -105,7 +105,8 @@ def start_encoders(config: PipelineConfig) -> tuple[list, list]:
         num_cpus=rc.cpus_per_encode_actor, num_gpus=gpus, max_restarts=-1, max_task_retries=-1
     )
     models, filters = dataclasses.asdict(config.models), dataclasses.asdict(config.filters)
-    actors = [actor_cls.remote(models, filters) for _ in range(count)]
+    storage = dataclasses.asdict(config.storage)
+    actors = [actor_cls.remote(models, filters, storage) for _ in range(count)]
     return actors, [a.node.remote() for a in actors]
 
 

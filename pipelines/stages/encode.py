@@ -13,6 +13,7 @@ from pipelines.stages.decode import frames_of
 from pipelines.stages.filters import clip_score_reason, decoded_reason
 from pipelines.stages.rows import fail, failed, rows_of, table_of
 from shards.format import encode_npy
+from shards.profiles import StorageProfile, encode_cond_frame, quantize_logstd
 
 # The stage needs exactly the frozen encoders' settings, so its config is ModelsConfig itself.
 EncodeConfig = ModelsConfig
@@ -32,18 +33,20 @@ class EncodeStage:
     batch_format="numpy", compute=ActorPoolStrategy(...), num_gpus=...)`) or locally. The frames of every
     item in a batch go through the VAE together, frame_batch_size at a time, so the encoder stays busy.
     An item that fails (bad frames, an exception, non-finite output) gets `error` = "encode_failed: ..."
-    and None arrays; the rest of the batch is unaffected.
+    and None arrays; the rest of the batch is unaffected. With `cond_frames`, the batch also gets
+    "cond_frame": each item's first frame as the image encoder sees it (uint8 [S,S,3], before normalising).
     """
 
-    def __init__(self, config: ModelsConfig | dict):
+    def __init__(self, config: ModelsConfig | dict, *, cond_frames: bool = False):
         self.config = config if isinstance(config, ModelsConfig) else ModelsConfig(**config)
         self.encoders = FrozenEncoders(self.config)
+        self.cond_frames = cond_frames and self.encoders.image_encoder is not None
 
     def __call__(self, batch: dict) -> dict:
         n = len(batch["key"])
         enc = self.encoders
         errors = [""] * n
-        cols = {name: _objects(n) for name in ARRAY_COLUMNS}
+        cols = {name: _objects(n) for name in ARRAY_COLUMNS + ("cond_frame",)}
         frames = [self._checked_frames(i, f, errors) for i, f in enumerate(batch["frames"])]
         captions = [c if isinstance(c, str) else "" for c in batch.get("caption", [""] * n)]
         caption_tokens = np.zeros(n, dtype=np.int32)
@@ -70,6 +73,10 @@ class EncodeStage:
                 out = enc.encode_images(np.stack([frames[i][0] for i in ids]))
                 for j, i in enumerate(ids):
                     cols["image_tokens"][i], cols["image_pooled"][i] = out["tokens"][j], out["pooled"][j]
+                if self.cond_frames:
+                    pixels = enc.condition_frames(np.stack([frames[i][0] for i in ids]))
+                    for j, i in enumerate(ids):
+                        cols["cond_frame"][i] = pixels[j]
 
             for idx in groups.values():
                 self._isolated([i for i in idx if not errors[i]], errors, "image", image)
@@ -89,12 +96,12 @@ class EncodeStage:
                 )
         for i in range(n):
             if errors[i]:
-                for name in ARRAY_COLUMNS:
+                for name in cols:
                     cols[name][i] = None
                 caption_tokens[i] = 0
 
         out = {k: v for k, v in batch.items() if k != "frames"}  # frames are big: never passed on
-        out.update(cols)
+        out.update(cols if self.cond_frames else {k: v for k, v in cols.items() if k != "cond_frame"})
         out["caption_tokens"] = caption_tokens
         out["clip_score"] = clip
         out["scale_factor"] = np.full(n, enc.scale_factor, dtype=np.float32)
@@ -149,14 +156,16 @@ class EncodeStage:
 
 
 class EncodeRowsStage:
-    """`__init__(models, filters)` loads EncodeStage; `__call__(batch)` encodes the good rows of a job batch.
+    """`__init__(models, filters, storage)` loads EncodeStage; `__call__(batch)` encodes the good rows of a job batch.
 
-    Failed rows pass through; encoded arrays leave as .npy bytes (what the tar holds), frames are dropped;
-    the decoded-media filters (duration, resolution) run first, the CLIP-score filter after encoding.
+    Failed rows pass through; encoded arrays leave as the members the storage profile keeps (.npy or JPEG
+    bytes, what the tar holds), frames are dropped; the decoded-media filters (duration, resolution) run
+    first, the CLIP-score filter after encoding.
     """
 
-    def __init__(self, models: dict, filters: dict | None = None):
-        self.stage = EncodeStage(models)
+    def __init__(self, models: dict, filters: dict | None = None, storage=None):
+        self.storage = StorageProfile.parse(storage)
+        self.stage = EncodeStage(models, cond_frames=self.storage.image == "frame")
         self.filters = FilterConfig(**(filters or {}))
 
     def __call__(self, batch):
@@ -183,6 +192,23 @@ class EncodeRowsStage:
             row["data"] = None
         return table_of(rows)
 
+    def _apply_storage(self, row: dict, out: dict, j: int) -> None:
+        """Keep the members the storage profile stores: the std in 8 bits or none, the conditioning frame
+        instead of image tokens, no text tokens; the profile and the log-std scale go to the index row."""
+        p = self.storage
+        row["storage_profile"] = str(p)
+        row["logstd_offset"] = row["logstd_step"] = row["latent_logstd8_npy"] = row["cond_frame_jpg"] = None
+        if p.latent != "mean+std":
+            if p.latent == "mean+logstd8":
+                q, row["logstd_offset"], row["logstd_step"] = quantize_logstd(out["latent_std"][j])
+                row["latent_logstd8_npy"] = encode_npy(q)
+            row["latent_std_npy"] = None
+        if p.text == "caption":
+            row["text_tokens_npy"] = None
+        if p.image == "frame" and out["image_tokens"][j] is not None:
+            row["cond_frame_jpg"] = encode_cond_frame(out["cond_frame"][j])
+            row["image_tokens_npy"] = None
+
     def _fill(self, row: dict, out: dict, j: int) -> None:
         if out["error"][j]:
             fail(row, "encode", "encode_failed", out["error"][j])
@@ -190,6 +216,7 @@ class EncodeRowsStage:
         for name in ("latent", "latent_std", "text_tokens", "text_pooled", "image_tokens", "image_pooled"):
             value = out[name][j]
             row[f"{name}_npy"] = None if value is None else encode_npy(np.asarray(value, dtype=np.float16))
+        self._apply_storage(row, out, j)
         row["latent_shape"] = list(np.shape(out["latent"][j]))
         row["text_tokens_shape"] = list(np.shape(out["text_tokens"][j]))
         image = out["image_tokens"][j]

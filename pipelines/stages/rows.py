@@ -43,6 +43,11 @@ JOB_ROW_SCHEMA = pa.schema(
         pa.field("text_pooled_npy", pa.binary()),
         pa.field("image_tokens_npy", pa.binary()),
         pa.field("image_pooled_npy", pa.binary()),
+        pa.field("latent_logstd8_npy", pa.binary()),  # storage latent=mean+logstd8 (uint8 .npy)
+        pa.field("cond_frame_jpg", pa.binary()),  # storage image=frame (JPEG)
+        pa.field("storage_profile", pa.string()),  # shards.profiles.StorageProfile as text
+        pa.field("logstd_offset", pa.float32()),
+        pa.field("logstd_step", pa.float32()),
         pa.field("latent_shape", pa.list_(pa.int32())),
         pa.field("text_tokens_shape", pa.list_(pa.int32())),
         pa.field("image_tokens_shape", pa.list_(pa.int32())),

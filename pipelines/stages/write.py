@@ -11,6 +11,7 @@ import numpy as np
 from pipelines.stages.embeddings import embeddings_folder, write_part
 from pipelines.stages.rows import fail, failed, to_error_row
 from shards.format import ShardWriter, decode_npy, shard_stem
+from shards.profiles import PROFILES
 
 _MEMBERS = {
     "latent.npy": "latent_npy",
@@ -19,6 +20,8 @@ _MEMBERS = {
     "text_pooled.npy": "text_pooled_npy",
     "image_tokens.npy": "image_tokens_npy",
     "image_pooled.npy": "image_pooled_npy",
+    "latent_logstd8.npy": "latent_logstd8_npy",
+    "cond_frame.jpg": "cond_frame_jpg",
 }
 
 
@@ -94,6 +97,9 @@ def index_row(row: dict, meta: dict) -> dict:
         "num_frames": shape[1] if len(shape) == 4 else None,
         "clip_duration": clip_duration,
         "caption_words": len((row.get("caption") or "").split()),
+        "storage_profile": row.get("storage_profile") or str(PROFILES["full"]),
+        "logstd_offset": row.get("logstd_offset"),
+        "logstd_step": row.get("logstd_step"),
     }
 
 

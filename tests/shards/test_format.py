@@ -116,7 +116,7 @@ def test_writer_refuses_duplicates_and_missing_members(tmp_path):
     with pytest.raises(ValueError, match="duplicate key"):
         writer.write("jdb_a", _members(rng, t=1), {})
     broken = _members(rng, t=1)
-    del broken["text_tokens.npy"]
+    del broken["text_pooled.npy"]
     with pytest.raises(ValueError, match="missing members"):
         writer.write("jdb_b", broken, {})
 
