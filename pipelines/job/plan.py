@@ -7,7 +7,8 @@ import os
 import fsspec
 
 from pipelines.config import PipelineConfig, SourceConfig
-from shards.format import INDEX_SUFFIX, shard_stem
+from shards.format import INDEX_SUFFIX, ShardPaths, shard_stem
+from shards.index import read_shard_infos
 
 
 def rows_per_shard(src: SourceConfig, config: PipelineConfig) -> int:
@@ -108,3 +109,21 @@ def plan(config: PipelineConfig, rewrites: dict[str, dict]) -> tuple[list[dict],
                     tasks.append(item)
             k += len(spans)
     return tasks, done
+
+
+def check_done_profiles(config: PipelineConfig) -> None:
+    """Finished shards in out_dir (skipped by a rerun) must have the job's storage profile: a set mixing
+    profiles would only be refused by the loader, much later. ValueError naming a few and the options."""
+    stems = sorted(done_stems(config.out_dir))
+    if not stems:
+        return
+    urls = [ShardPaths.of(config.out_dir, stem).tar for stem in stems]
+    infos = read_shard_infos(urls, dedup=False)
+    other = [(u, i.profile) for u, i in zip(urls, infos) if i is not None and i.profile != config.storage]
+    if other:
+        listing = ", ".join(f"{os.path.basename(u)} ({p.name})" for u, p in other[:3])
+        raise ValueError(
+            f"{len(other)} finished shard(s) in {config.out_dir} have another storage profile than this job's "
+            f"{config.storage.name}: {listing}{' ...' if len(other) > 3 else ''}. Rerun with their `storage`, "
+            "or give a new out_dir (one shard set holds one profile)"
+        )

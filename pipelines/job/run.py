@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 
 from pipelines.config import PipelineConfig, to_dict
 from pipelines.job.cluster import init_ray, shard_task_slots, start_encoders
-from pipelines.job.plan import plan
+from pipelines.job.plan import check_done_profiles, plan
 from shards.format import ShardPaths, shard_stem
 
 
@@ -207,6 +207,7 @@ def run(config: PipelineConfig) -> dict:
     fs, root = fsspec.core.url_to_fs(config.out_dir)
     fs.makedirs(root, exist_ok=True)
     stale = clean_temporaries(config.out_dir)
+    check_done_profiles(config)  # before Ray starts: a rerun with another profile fails at once
     rewrites, servers = _start_servers(config)
     config = _allow_servers(config, servers)
     started_ray = init_ray(config.ray)

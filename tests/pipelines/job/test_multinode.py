@@ -1,10 +1,22 @@
-"""The job on a two-node local Ray cluster: shards are written by worker processes on both nodes, none by the driver."""
+"""The job on a two-node local Ray cluster: shards are written by worker processes on both nodes, none by the driver (lean profile)."""
 
 from __future__ import annotations
 
+import subprocess
+
 import pytest
 
-from tests.pipelines.job.helpers import expected_outcome, job_config, read_output, run_job, write_config
+from shards.profiles import PROFILES
+from tests.pipelines.job.helpers import (
+    REPO,
+    expected_outcome,
+    job_command,
+    job_config,
+    job_env,
+    read_output,
+    run_job,
+    write_config,
+)
 
 
 @pytest.fixture
@@ -31,6 +43,7 @@ def test_shards_are_written_on_both_nodes_not_by_the_driver(
     config = job_config(sample_data, tiny_models, out, sample_server)
     config["ray"].update(address=two_nodes.address, shard_tasks=3, num_cpus=None, object_store_memory_mb=None)
     config["dedup"]["enabled"] = False
+    config["storage"] = "lean"  # the profile reaches the encoder actors on both nodes
     summary = run_job(write_config(tmp_path / "job.yaml", config), tmp_path / "summary.json")
 
     shards = summary["shards"]
@@ -41,3 +54,22 @@ def test_shards_are_written_on_both_nodes_not_by_the_driver(
     written = read_output(out)
     for source, want in expected.items():
         assert len(written[source]["samples"]) + len(written[source]["errors"]) == want["rows"], source
+        assert {r["storage_profile"] for r in written[source]["index"]} == {str(PROFILES["lean"])}
+        for members in written[source]["members"].values():
+            assert set(members) == {
+                "latent.npy",
+                "txt",
+                "json",
+                "text_pooled.npy",
+                "image_pooled.npy",
+                "cond_frame.jpg",
+            }
+
+    # a rerun over these shards with another profile is refused before any work, naming them
+    config["storage"] = "full"
+    proc = subprocess.run(
+        job_command(write_config(tmp_path / "full.yaml", config), tmp_path / "s2.json"),
+        cwd=REPO, env=job_env(), capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode != 0
+    assert "another storage profile than this job's full" in proc.stderr and "(lean)" in proc.stderr
