@@ -39,6 +39,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from shards.config import LoaderConfig, SourceSpec
 from shards.decode import BadSampleHandler, RunExpectations
 from shards.mixing import KINDS, BatchBuilder, KindSchedule, SourceMixer
+from shards.profiles import PROFILES
 from shards.reader import (
     ShardInfo,
     ShardMismatchError,
@@ -271,6 +272,7 @@ class ShardLoader:
 
     def _fingerprint(self) -> dict:
         cfg = self.config
+        profiles = {p for ps in self.profiles.values() for p in ps}  # full only: as saved before profiles
         return {
             "seed": cfg.seed,
             "stage": cfg.stage,
@@ -282,7 +284,7 @@ class ShardLoader:
             "schedule": [cfg.schedule, cfg.image_per_video],
             "shuffle": [cfg.shuffle_buffer, cfg.shard_shuffle, cfg.resampled],
             "latents": [cfg.sample_latents, cfg.return_latent_std],
-            **({"profiles": sorted({str(p) for ps in self.profiles.values() for p in ps})}),
+            **({"profiles": sorted(p.name for p in profiles)} if profiles != {PROFILES["full"]} else {}),
             **({"buckets": self.bucket_batch_sizes()} if cfg.bucketing else {}),
         }
 
