@@ -2,7 +2,7 @@
 bare library, on the same clips and frame indices, in one run.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_decode.py [--sizes 596x336,1280x720]
-        [--fps 30,59.94] [--seconds 10] [--clips 6] [--repeats 3] [--stride 3]
+        [--fps 30,59.94] [--seconds 10] [--clips 6] [--repeats 3] [--stride 3] [--backend decord|pyav|decord,pyav]
 
 Clips are H.264 mp4s written here (libx264 --preset veryfast: B-frames, CABAC, default GOP, crf 23, moving
 content with per-frame grain so every frame carries residuals), one set per size x fps. Per set it prints
@@ -77,8 +77,8 @@ def bench_set(w, h, fps, args, tmp) -> dict:
         for i, p in enumerate(paths)
     ]
     cfg = {"num_frames": 16, "frame_stride": args.stride, "start": "random", "decoder_threads": 1}
-    stages = {b: DecodeStage(dict(cfg, backend=b)) for b in ("decord", "pyav")}
-    reqs = [stages["decord"].request(r) for r in rows]
+    stages = {b: DecodeStage(dict(cfg, backend=b)) for b in args.backends}
+    reqs = [next(iter(stages.values())).request(r) for r in rows]
 
     def bare_decord():
         for p, req in zip(paths, reqs):
@@ -111,8 +111,7 @@ def bench_set(w, h, fps, args, tmp) -> dict:
     fns = {
         "bare decord": bare_decord,
         "bare pyav": bare_pyav,
-        "stage decord": staged("decord"),
-        "stage pyav": staged("pyav"),
+        **{f"stage {b}": staged(b) for b in args.backends},
     }
     for backend in stages:
         staged(backend)()  # start the decoder processes, warm caches
@@ -152,7 +151,13 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--stride", type=int, default=3)
     parser.add_argument("--stage", default="256x256")
+    parser.add_argument(
+        "--backend", default="decord,pyav", help="decode.backend(s) of the stage: decord, pyav or both"
+    )
     args = parser.parse_args(argv)
+    args.backends = [b for b in args.backend.split(",") if b]
+    if not args.backends or set(args.backends) - {"decord", "pyav"}:
+        parser.error(f"--backend {args.backend!r}: use decord, pyav or decord,pyav")
     rates = {"59.94": fractions.Fraction(60000, 1001), "29.97": fractions.Fraction(30000, 1001)}
     results = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -166,18 +171,15 @@ def main(argv=None) -> int:
         f"{args.stride}, start random; one thread each; stage output {args.stage}; best of {args.repeats}"
     )
     names = list(results[0]["ms"])
-    print(
-        f"| set | kbit/s | {' | '.join(f'{n} ms (cpu)' for n in names)} | stage decord / best bare | stage pyav / best bare |"
-    )
-    print("|" + "---|" * (len(names) + 4))
+    ratios = " | ".join(f"stage {b} / best bare" for b in args.backends)
+    print(f"| set | kbit/s | {' | '.join(f'{n} ms (cpu)' for n in names)} | {ratios} |")
+    print("|" + "---|" * (len(names) + 2 + len(args.backends)))
     for r in results:
         ms, cpu = r["ms"], r["cpu"]
         bare = min(ms["bare decord"], ms["bare pyav"])
         cells = " | ".join(f"{ms[n]:.1f} ({cpu[n]:.1f})" for n in names)
-        print(
-            f"| {r['set']} | {r['kbps']:.0f} | {cells} | {bare / ms['stage decord']:.2f}x | "
-            f"{bare / ms['stage pyav']:.2f}x |"
-        )
+        stage = " | ".join(f"{bare / ms[f'stage {b}']:.2f}x" for b in args.backends)
+        print(f"| {r['set']} | {r['kbps']:.0f} | {cells} | {stage} |")
     return 0
 
 
