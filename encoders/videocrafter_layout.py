@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from encoders.videocrafter import TEXT_PREFIX, VAE_PREFIX, VISION_PREFIX
+from encoders.videocrafter import TEXT_PREFIX, VAE_PREFIX, VISION_MAP, VISION_PREFIX
 
 EMBEDDER_PREFIX = "embedder.model."  # FrozenOpenCLIPImageEmbedderV2 keeps OpenCLIP's CLIP minus .transformer
 EMBEDDER_TEXT_LEFTOVERS = (
@@ -146,15 +146,9 @@ def openclip_text_state(
     return out, zeros
 
 
-_VISION = {  # OpenCLIP VisionTransformer <- CLIPVisionModelWithProjection (outside the resblocks)
-    "conv1.weight": "vision_model.embeddings.patch_embedding.weight",
-    "class_embedding": "vision_model.embeddings.class_embedding",
-    "positional_embedding": "vision_model.embeddings.position_embedding.weight",
-    "ln_pre.weight": "vision_model.pre_layrnorm.weight",
-    "ln_pre.bias": "vision_model.pre_layrnorm.bias",
-    "ln_post.weight": "vision_model.post_layernorm.weight",
-    "ln_post.bias": "vision_model.post_layernorm.bias",
-}
+# OpenCLIP VisionTransformer <- CLIPVisionModelWithProjection outside the resblocks: VISION_MAP read backwards,
+# less `proj` (transposed separately below)
+_VISION = {src: dst for src, dst in VISION_MAP.items() if src != "proj"}
 
 
 def openclip_visual_state(model) -> dict[str, torch.Tensor]:

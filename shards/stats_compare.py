@@ -38,7 +38,10 @@ def compare(a, b) -> dict:
 
     {"totals": {field: {a, b, delta, pct}}, "groups": [{label, samples: {a, b, delta, pct}, errors: ...}],
      "distributions": {name: {label, a: {mean, p50, p95}, b: {...}, tv_distance}},
-     "errors": [{stage, reason, a, b, delta, pct}], "bytes": {member: {a, b, delta, pct} per sample}}
+     "errors": [{stage, reason, a, b, delta, pct}], "bytes": {member: {a, b, delta, pct} per sample},
+     "profiles": {profile: {samples: {a, b, delta, pct}, per_sample: {a, b, delta, pct}}}}
+    A member kind or profile one report lacks (a report written before storage profiles has no image_frame
+    and no profiles) counts as 0 there.
     """
     ra, rb = a.report, b.report
     totals = {f: _delta(ra["totals"][f], rb["totals"][f]) for f in TOTAL_FIELDS}
@@ -72,17 +75,31 @@ def compare(a, b) -> dict:
         {"stage": s, "reason": r, **_delta(ea.get((s, r)), eb.get((s, r)))}
         for s, r in sorted(ea.keys() | eb.keys())
     ]
+    ma, mb = ra["bytes"]["members"], rb["bytes"]["members"]
     bytes_ = {
-        m: _delta(ra["bytes"]["members"][m]["per_sample"], rb["bytes"]["members"][m]["per_sample"])
-        for m in ra["bytes"]["members"]
+        m: _delta(ma.get(m, {}).get("per_sample"), mb.get(m, {}).get("per_sample"))
+        for m in [*ma, *(m for m in mb if m not in ma)]
     }
     bytes_["total"] = _delta(ra["bytes"]["per_sample"], rb["bytes"]["per_sample"])
+    pa_ = {p["profile"]: p for p in ra["bytes"].get("profiles", [])}
+    pb_ = {p["profile"]: p for p in rb["bytes"].get("profiles", [])}
+    profiles = {
+        name: {
+            "samples": _delta(pa_.get(name, {}).get("samples"), pb_.get(name, {}).get("samples")),
+            "per_sample": _delta(
+                pa_.get(name, {}).get("per_sample", {}).get("total"),
+                pb_.get(name, {}).get("per_sample", {}).get("total"),
+            ),
+        }
+        for name in [*pa_, *(n for n in pb_ if n not in pa_)]
+    }
     return {
         "totals": totals,
         "groups": groups,
         "distributions": distributions,
         "errors": errors,
         "bytes": bytes_,
+        "profiles": profiles,
     }
 
 
@@ -118,3 +135,12 @@ def render_compare(diff: dict, console: Console) -> None:
     for member, row in diff["bytes"].items():
         b.add_row(member, human_bytes(row["a"]), human_bytes(row["b"]), _pct(row))
     console.print(b)
+    if diff.get("profiles"):
+        p = _table(
+            "Storage profiles", "profile", "samples A", "samples B", "B/sample A", "B/sample B", "change"
+        )
+        for name, row in diff["profiles"].items():
+            s, b = row["samples"], row["per_sample"]
+            ba, bb = (human_bytes(b[k]) if s[k] else "-" for k in ("a", "b"))
+            p.add_row(name, num(s["a"]), num(s["b"]), ba, bb, _pct(b) if s["a"] and s["b"] else "-")
+        console.print(p)

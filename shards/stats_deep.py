@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 
 from schemas import ARRAY_MEMBERS, REQUIRED_MEMBERS, SAMPLE_MEMBERS
 from shards.format import check_member_name, decode_npy
+from shards.profiles import StorageProfile, decode_cond_frame
 from shards.reader import MAX_SAMPLE_BYTES
 from shards.stats_files import ShardFiles
 
@@ -24,14 +25,24 @@ MEMBER_DTYPES = {
 SHAPE_COLUMNS = {
     "latent.npy": "latent_shape",
     "latent_std.npy": "latent_shape",
+    "latent_logstd8.npy": "latent_shape",
     "text_tokens.npy": "text_tokens_shape",
     "image_tokens.npy": "image_tokens_shape",
 }
 BYTE_GROUPS = {
-    "bytes_latent": ("latent.npy", "latent_std.npy"),
+    "bytes_latent": ("latent.npy", "latent_std.npy", "latent_logstd8.npy"),
     "bytes_text_tokens": ("text_tokens.npy", "text_pooled.npy"),
     "bytes_image_tokens": ("image_tokens.npy", "image_pooled.npy"),
+    "bytes_image_frame": ("cond_frame.jpg",),
 }
+# optional members whose presence the storage profile decides (StorageProfile.members)
+PROFILE_MEMBERS = (
+    "latent_std.npy",
+    "latent_logstd8.npy",
+    "text_tokens.npy",
+    "image_tokens.npy",
+    "cond_frame.jpg",
+)
 DEEP_COLUMNS = [
     "key",
     "source",
@@ -45,6 +56,7 @@ DEEP_COLUMNS = [
     "num_frames",
     *BYTE_GROUPS,
     "bytes_total",
+    "storage_profile",
 ]
 
 
@@ -91,19 +103,47 @@ def _check_array(sample: _Sample, member: str, data: bytes, row: dict, out: list
         )
 
 
+def _check_members(sample: _Sample, row: dict, shard: str, out: list) -> None:
+    """Required members, and the optional ones the row's storage profile promises (none beyond them); rows
+    without a storage_profile (written before profiles) need image_tokens.npy when image_tokens_shape is set."""
+    have = set(sample.members)
+    missing = [m for m in REQUIRED_MEMBERS if m not in have]
+    image = row.get("image_tokens_shape") is not None
+    extra: list[str] = []
+    if row.get("storage_profile"):
+        try:
+            profile = StorageProfile.parse(row["storage_profile"])
+        except ValueError as e:
+            out.append(Problem(shard, sample.key, "bad_profile", str(e)))
+            return
+        want = set(profile.members(image=image))
+        missing += [m for m in PROFILE_MEMBERS if m in want and m not in have]
+        if image and "image_pooled.npy" not in have:
+            missing.append("image_pooled.npy")
+        extra = [m for m in PROFILE_MEMBERS if m in have and m not in want]
+        if extra:
+            detail = f"members {extra} present but storage profile {profile.name} does not store them"
+            out.append(Problem(shard, sample.key, "profile_mismatch", detail))
+    elif image and "image_tokens.npy" not in have:
+        missing.append("image_tokens.npy")
+    if missing:
+        out.append(Problem(shard, sample.key, "missing_member", f"members {missing} absent from the tar"))
+    if not image and "image_tokens.npy" in have and "image_tokens.npy" not in extra:
+        out.append(
+            Problem(shard, sample.key, "key_mismatch", "image_tokens.npy present but index shape is null")
+        )
+
+
 def check_sample(sample: _Sample, row: dict, shard: str) -> list[Problem]:
     """Members, shapes, dtypes, byte counts and offset of one sample against its index row."""
     out: list[Problem] = []
     have = set(sample.members)
-    missing = [m for m in REQUIRED_MEMBERS if m not in have]
-    if row.get("image_tokens_shape") is not None and "image_tokens.npy" not in have:
-        missing.append("image_tokens.npy")
-    if missing:
-        out.append(Problem(shard, sample.key, "missing_member", f"members {missing} absent from the tar"))
-    if row.get("image_tokens_shape") is None and "image_tokens.npy" in have:
-        out.append(
-            Problem(shard, sample.key, "key_mismatch", "image_tokens.npy present but index shape is null")
-        )
+    _check_members(sample, row, shard, out)
+    if "cond_frame.jpg" in have:
+        try:
+            decode_cond_frame(sample.members["cond_frame.jpg"])
+        except (ValueError, OSError) as e:  # PIL's UnidentifiedImageError is an OSError
+            out.append(Problem(shard, sample.key, "bad_frame", f"cond_frame.jpg: {e}"))
     for member, data in sample.members.items():
         if member in ARRAY_MEMBERS:
             _check_array(sample, member, data, row, out, shard)

@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 
 from shards.format import dedup_result
 from shards.stats_files import ShardFiles
+from shards.stats_profiles import PROFILE_COLUMNS, scan_profiles
 
 
 @dataclass(frozen=True)
@@ -56,8 +57,10 @@ SPECS = (
     Spec("bytes_total", "bytes/sample", "B", "log", 1, 11, 2000),
 )
 SPEC_BY_NAME = {s.name: s for s in SPECS}
-BYTE_COLUMNS = ("bytes_latent", "bytes_text_tokens", "bytes_image_tokens", "bytes_total")
-INDEX_COLUMNS = sorted({"kind", "width", "height", *BYTE_COLUMNS, *(c for s in SPECS for c in s.columns)})
+# bytes_image_frame and storage_profile are absent from indexes written before storage profiles (0 and full)
+BYTE_COLUMNS = ("bytes_latent", "bytes_text_tokens", "bytes_image_tokens", "bytes_image_frame", "bytes_total")
+NUMERIC_COLUMNS = sorted({"width", "height", *BYTE_COLUMNS, *(c for s in SPECS for c in s.columns)})
+INDEX_COLUMNS = sorted({"kind", *NUMERIC_COLUMNS, *PROFILE_COLUMNS})
 ERROR_COLUMNS = ["key", "stage", "reason", "detail"]
 EXAMPLES = 3  # example keys kept per (error stage, reason)
 BATCH_ROWS = 1 << 18
@@ -158,6 +161,8 @@ class GroupStats:
     examples: dict = field(default_factory=dict)  # (error stage, reason) -> [(key, detail)]
     # (kind, "WxH" the latent encodes) -> samples: the aspect buckets (one per stage without decode.bucketing)
     buckets: Counter = field(default_factory=Counter)
+    # storage profile text -> shards.stats_profiles.ProfileBytes (bytes per member kind, real-size projection)
+    profiles: dict = field(default_factory=dict)
 
     def merge(self, other: GroupStats) -> GroupStats:
         for name in ("shards", "shards_indexed", "samples", "removed", "videos", "images", "tar_bytes"):
@@ -171,6 +176,11 @@ class GroupStats:
             self.hists[k].merge(h)
         self.errors.update(other.errors)
         self.buckets.update(other.buckets)
+        for k, p in other.profiles.items():
+            if k in self.profiles:
+                self.profiles[k].merge(p)
+            else:
+                self.profiles[k] = type(p)().merge(p)
         for k, ex in other.examples.items():
             _add_examples(self.examples.setdefault(k, []), ex)
         return self
@@ -234,7 +244,10 @@ def scan_index(
             _add_buckets(stats.buckets, batch, video)
         stats.videos += n_video
         stats.images += n - n_video
-        cols = {c: _numpy(batch, c) for c in columns if c != "kind" and batch.column(c).null_count < n}
+        scan_profiles(batch, stats.profiles, video)
+        cols = {
+            c: _numpy(batch, c) for c in columns if c in NUMERIC_COLUMNS and batch.column(c).null_count < n
+        }
         for c in BYTE_COLUMNS:
             if c in cols:
                 stats.member_bytes[c] += int(np.nansum(cols[c]))

@@ -122,6 +122,27 @@ def _dedup_section(report: dict) -> list[str]:
     ]
 
 
+def _profiles_section(report: dict) -> list[str]:
+    """Bytes per sample by storage profile, and one 512x320x16 video projected to the real encoder sizes."""
+    rows = report["bytes"].get("profiles") or []
+    if not rows:
+        return []
+    kinds = ("latent", "text_tokens", "image_tokens", "image_frame", "other", "total")
+    body = []
+    for r in rows:
+        proj = r["projected_512x320x16"]
+        body.append(
+            [r["profile"], num(r["samples"]), *(human_bytes(r["per_sample"][k]) for k in kinds)]
+            + [human_bytes(proj["from_shapes"]), human_bytes(proj["measured"])]
+        )
+    return [
+        "<h3>Bytes per sample by storage profile</h3>",
+        "<p>real size: one 512x320x16 video at the real encoder sizes, an upper bound from the member shapes "
+        "and the video rows' bytes scaled to them (<code>shards.stats_profiles</code>)</p>",
+        _table(["profile", "samples", *kinds, "real: from shapes", "real: measured"], body),
+    ]
+
+
 def _sections(report: dict) -> list[str]:
     t = report["totals"]
     out = [
@@ -222,6 +243,7 @@ def _sections(report: dict) -> list[str]:
             ],
         ),
         _bytes_figure(report),
+        *_profiles_section(report),
     ]
     missing = [(k, v) for k, v in report["missing"].items() if v]
     out.append("<h2>Missing files</h2>")

@@ -16,8 +16,15 @@ JSON schema (`latentcrafter stats --json`), schema id "latentcrafter.stats/1":
            detail, groups: {label: n}}]}   (share = count / input rows; see the accounting below)
   missing: {no_index: [url], no_tar: [url], no_errors: [url], not_found: [input], unreadable:
             [{shard, kind, detail}]}
-  bytes: {tar_files, index_total, per_sample, members: {latent|text_tokens|image_tokens|other:
-          {total, per_sample, share}}}
+  bytes: {tar_files, index_total, per_sample, members: {latent|text_tokens|image_tokens|image_frame|other:
+          {total, per_sample, share}}, profiles: [PROFILE]}
+      image_frame: cond_frame.jpg (0 in indexes written before storage profiles, which count as full).
+      PROFILE = {profile (name: full|compact|lean, else the text form), text ("latent=..,image=..,text=.."),
+        samples, per_sample: {latent, text_tokens, image_tokens, image_frame, other, total},
+        projected_512x320x16: {measured (per-sample bytes of the video rows scaled to the real encoder
+        sizes; null without video rows), from_shapes (shards.profiles.bytes_from_shapes total, an upper
+        bound), video_samples, measured_members: {kind: bytes} | null, frame: "scaled" | "as stored" | null}}
+        (the scaling: shards.stats_profiles)
   problems (deep mode only): [{shard, key, kind, detail}];  problem_counts: {kind: n}
   removed_dedup (in totals and in every group, only when some shard folder has a dedup result
       dedup/{source}-{stage}.parquet from `latentcrafter dedup`): index rows the dedup step removed.
@@ -37,6 +44,7 @@ from rich.table import Table
 
 from shards.stats_fast import SPECS, GroupStats, coarse
 from shards.stats_files import Discovery
+from shards.stats_profiles import profiles_section, render_profiles
 
 SCHEMA_ID = "latentcrafter.stats/1"
 BY_CHOICES = {"source": ("source",), "stage": ("stage",), "source,stage": ("source", "stage")}
@@ -83,6 +91,7 @@ def _bytes_section(total: GroupStats) -> dict:
         "latent": mb["bytes_latent"],
         "text_tokens": mb["bytes_text_tokens"],
         "image_tokens": mb["bytes_image_tokens"],
+        "image_frame": mb["bytes_image_frame"],
     }
     parts["other"] = max(0, mb["bytes_total"] - sum(parts.values()))
     n = total.samples or None
@@ -98,6 +107,7 @@ def _bytes_section(total: GroupStats) -> dict:
             }
             for k, v in parts.items()
         },
+        "profiles": profiles_section(total.profiles),
     }
 
 
@@ -321,6 +331,7 @@ def render_terminal(report: dict, console: Console, *, max_problems: int = 20) -
         share = f"{100 * m['share']:.1f}%" if m["share"] is not None else "-"
         bt.add_row(k, human_bytes(m["total"]), human_bytes(m["per_sample"]), share)
     console.print(bt)
+    render_profiles(report, console, human_bytes, count)
     for kind, items in report["missing"].items():
         if items:
             console.print(f"[bold yellow]{kind.replace('_', ' ')}[/]: {len(items)}")

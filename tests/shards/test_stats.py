@@ -151,7 +151,12 @@ def test_json_schema(dataset, tmp_path):
         assert len(d["hist"]["edges"]) == len(d["hist"]["counts"]) + 1
     assert set(rep["errors"]) == {"total", "by_stage", "reasons"}
     assert set(rep["missing"]) == {"no_index", "no_tar", "no_errors", "not_found", "unreadable"}
-    assert set(rep["bytes"]["members"]) == {"latent", "text_tokens", "image_tokens", "other"}
+    assert set(rep["bytes"]["members"]) == {"latent", "text_tokens", "image_tokens", "image_frame", "other"}
+    assert set(rep["bytes"]) == {"tar_files", "index_total", "per_sample", "members", "profiles"}
+    (profile,) = rep["bytes"]["profiles"]  # the fixtures' indexes have no storage_profile: full
+    assert profile["profile"] == "full" and profile["samples"] == rep["totals"]["samples"]
+    assert set(profile) == {"profile", "text", "samples", "per_sample", "projected_512x320x16"}
+    assert {"measured", "from_shapes"} <= set(profile["projected_512x320x16"])
 
 
 def test_by_source_and_by_stage(dataset, tmp_path):
