@@ -145,7 +145,7 @@ def decode_cond_frame(data: bytes) -> np.ndarray:
                 f"cond_frame.jpg is {im.mode} {w}x{h}; a conditioning frame is a square RGB JPEG "
                 f"of side <= {MAX_COND_FRAME_SIDE}"
             )
-        return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
+        return np.array(im, dtype=np.uint8)  # already RGB (checked): no convert() copy
 
 
 # ---------------------------------------------------------------- bytes per sample, from shapes
