@@ -250,6 +250,8 @@ def on_the_fly(config, loader, have, device, logger):
     """The OnTheFlyEncoders a phase's shards need (text=caption: the text encoder; image=frame: the image
     encoder), reusing the previous phase's when it has them; None when the shards store tokens."""
     need = loader.needs_encoders()
+    # a text-to-video model has no use for the frames: no image encoder for it
+    need["image"] = need["image"] and config.model.image_cross_attention
     if not any(need.values()):
         return have
     if (
