@@ -153,22 +153,21 @@ class PyAVClip:
         graph = self._graph() if self.scaled else None
         out: np.ndarray | None = None
         left = len(want)
-        for packet in container.demux(stream):
-            for frame in packet.decode():
-                positions = want.pop(frame.pts, None)
-                if positions is None:
-                    continue
-                if graph is not None:
-                    graph.push(frame)
-                    frame = graph.pull()
-                    array = frame.to_ndarray()
-                else:
-                    array = frame.to_ndarray(format="rgb24")
-                if out is None:
-                    out = np.empty((len(indices), *array.shape), dtype=np.uint8)
-                for pos in positions:
-                    out[pos] = array
-                left -= 1
+        for frame in container.decode(stream):  # demux + decode in PyAV's own loop
+            positions = want.pop(frame.pts, None)
+            if positions is None:
+                continue
+            if graph is not None:
+                graph.push(frame)
+                frame = graph.pull()
+                array = frame.to_ndarray()
+            else:
+                array = frame.to_ndarray(format="rgb24")
+            if out is None:
+                out = np.empty((len(indices), *array.shape), dtype=np.uint8)
+            for pos in positions:
+                out[pos] = array
+            left -= 1
             if not left:
                 break
         if left:
