@@ -140,7 +140,9 @@ class DecodeConfig:
     target_fps: float | None = None  # ... or choose the stride that gives about this fps (overrides stride)
     adapt_stride: bool = True  # lower the stride for videos too short for the full span
     start: str = "random"  # clip start: random (seeded by the key) | start | center
-    backend: str = "decord"  # video decoder: decord | pyav (same frames for the same indices; BENCHMARKS.md)
+    # video decoder: pyav | decord; the same frames for the same indices. pyav is the default: its stage was
+    # 1.00-1.06x the faster bare library on every set of benchmarks/bench_decode.py, decord's 0.87-0.95x
+    backend: str = "pyav"
     decode_resize: bool = True  # let the backend scale while decoding when the video is >= 2x the needed size
     bucketing: bool = False  # resize to the nearest aspect bucket instead of the stage's own size
     buckets: dict[str, list[str]] = field(default_factory=dict)  # stage -> bucket sizes (default: derived)

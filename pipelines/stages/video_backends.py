@@ -183,7 +183,7 @@ class PyAVClip:
 
 def open_video(req: dict, scale: Scale):
     """The request's backend (decode.backend) opened on its source, caps checked: a DecordClip or PyAVClip."""
-    backend = req.get("backend") or "decord"
+    backend = req.get("backend") or "pyav"
     if backend == "pyav":
         return PyAVClip(req, scale)
     if backend == "decord":

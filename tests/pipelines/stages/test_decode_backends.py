@@ -184,24 +184,24 @@ def test_decode_time_resize_in_process_matches(tmp_path):
 
 
 def test_backend_config():
-    assert DecodeConfig().backend == "decord"
+    assert DecodeConfig().backend == "pyav"  # the faster stage (benchmarks/bench_decode.py)
     with pytest.raises(ValueError, match="decode.backend"):
         DecodeConfig(backend="opencv")
 
 
-# ---- hostile media: the same checks, on the pyav backend -----------------------------------------------
+# ---- hostile media: the same checks (tests/reliability run the default, pyav), on the decord backend -----
 @pytest.fixture
-def pyav_default(monkeypatch):
+def decord_backend(monkeypatch):
     monkeypatch.setattr(
-        hostile, "DecodeStage", lambda cfg, **kw: DecodeStage({**cfg, "backend": "pyav"}, **kw)
+        hostile, "DecodeStage", lambda cfg, **kw: DecodeStage({**cfg, "backend": "decord"}, **kw)
     )
 
 
-def test_hostile_media_under_the_default_caps_pyav(media, pyav_default):  # noqa: F811
+def test_hostile_media_under_the_default_caps_decord(media, decord_backend):  # noqa: F811
     hostile.test_hostile_media_under_the_default_caps(media)
 
 
-def test_tight_caps_reject_big_and_long_media_pyav(media, pyav_default):  # noqa: F811
+def test_tight_caps_reject_big_and_long_media_decord(media, decord_backend):  # noqa: F811
     hostile.test_tight_caps_reject_big_and_long_media_and_keep_the_rest(media)
 
 
