@@ -105,3 +105,29 @@ def test_the_trainer_loads_only_the_encoders_lean_needs(curves):
     assert all(r["encode_s"] > 0 for r in lean) and all(
         r["encode_s"] == 0 for r in curves["full"][0] if "loss" in r
     )
+
+
+def test_a_text_to_video_run_on_lean_shards_loads_the_text_encoder_only(tmp_path, tiny_models):
+    from shards.loader import ShardLoader
+    from trainer.config import load_config
+    from trainer.main import on_the_fly
+
+    folder = encode_profile_shards(tmp_path / "lean", tiny_models, "lean", videos=2, images=2)
+    raw = _config(folder, tiny_models, tmp_path / "out", sample_latents=True)
+    raw["model"]["unet"] = "vc2-t2v-tiny"  # no image cross-attention: the frames are of no use
+    config = load_config(write_config(tmp_path / "t2v.yaml", raw))
+    phase = config.phases[0]
+    loader = ShardLoader(phase.data.loader_config(stage=phase.stage, seed=0))
+    assert loader.needs_encoders() == {"text": True, "image": True}
+    said = []
+    enc = on_the_fly(
+        config, loader, None, "cpu", type("Log", (), {"message": lambda self, m: said.append(m)})()
+    )
+    assert (
+        enc.encoders.text_encoder is not None
+        and enc.encoders.image_encoder is None
+        and enc.encoders.vae is None
+    )
+    assert said == ["storage profiles lean: the trainer runs the frozen text encoder on cpu"]
+    batch = next(iter(loader))
+    assert enc.text_tokens(batch).shape == (len(batch["captions"]), 77, 32) and enc.seconds > 0
