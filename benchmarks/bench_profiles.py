@@ -88,7 +88,7 @@ class ProfileRun:
 
     def __init__(self, folder: str, config, text, encoders, batch: int):
         import torch
-        from bench_loader import profile_loader
+        from bench_loader_profiles import profile_loader
 
         from trainer.phases import PhaseRunner, RunState, build_module
 
@@ -253,17 +253,14 @@ def main(argv=None) -> int:
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     if args.flush_denormal:
         torch.set_flush_denormal(True)
-    from bench_loader import encode_profiles
+    from bench_loader_profiles import encode_profiles, profile_names
 
     from encoders.models import write_tiny_models
-    from shards.profiles import PROFILES
     from trainer.conditioning import OnTheFlyEncoders
     from trainer.config import config_from_dict
     from trainer.preview import TextConditions
 
-    names = [n.strip() for n in args.profile.split(",") if n.strip()]
-    if unknown := [n for n in names if n not in PROFILES]:
-        parser.error(f"--profile: unknown {unknown}; choose from {', '.join(PROFILES)}")
+    names = profile_names(args.profile)
     print(f"torch threads {torch.get_num_threads()}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}")
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
